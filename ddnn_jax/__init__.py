@@ -1,0 +1,1 @@
+"""Depth-level dynamic neural networks with embedded knowledge distillation."""
