@@ -1,0 +1,73 @@
+"""Parameters and FLOPs (multiply-adds) of each sub-net, measured on the model itself.
+
+FLOPs are counted the way the DDNN/ResNet papers count them: multiply-adds of the
+convolutions and the classifier in one forward pass of one image. They are read off
+the traced model (every ``nn.Conv``/``nn.Dense`` call is intercepted under
+``jax.eval_shape``), so nothing here is a hand-maintained formula.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddnn_jax import models
+
+
+@dataclasses.dataclass(frozen=True)
+class SubnetProfile:
+  depth: models.Depth
+  params: int  # Trainable parameters the sub-net uses (BN scale/bias included, statistics not).
+  flops: int  # Multiply-adds of one forward pass of one image.
+
+
+def _count_macs(model: nn.Module, variables, image: jax.ShapeDtypeStruct,
+                depth: models.Depth) -> int:
+  macs = 0
+
+  def interceptor(next_fun, args, kwargs, context):
+    nonlocal macs
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__':
+      module = context.module
+      if isinstance(module, nn.Conv):
+        kernel = math.prod(module.kernel_size)
+        in_features = args[0].shape[-1] // module.feature_group_count
+        macs += math.prod(out.shape[1:]) * kernel * in_features
+      elif isinstance(module, nn.Dense):
+        macs += math.prod(out.shape[1:]) * args[0].shape[-1]
+    return out
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda v, x: model.apply(v, x, depth=depth, train=False), variables, image)
+  return macs
+
+
+def count_params(params) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+def profile_subnet(model: models.DDNN, input_shape: Sequence[int],
+                   depth: Sequence[int] | None = None) -> SubnetProfile:
+  """Params and FLOPs of ``model`` at ``depth`` (None: the full net) for one HWC image."""
+  depth = model.stage_sizes if depth is None else models.check_depth(depth, model.stage_sizes,
+                                                                     model.arch)
+  image = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  variables = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, depth=depth, train=False), image)
+  return SubnetProfile(depth=depth, params=count_params(variables['params']),
+                       flops=_count_macs(model, variables, image, depth))
+
+
+def format_profile_table(arch: str, profiles: Sequence[SubnetProfile]) -> str:
+  """A Markdown table of the sub-nets' sizes, full net first."""
+  lines = [f'| {arch} depth | blocks | Params (M) | FLOPs (M) |', '|---|---|---|---|']
+  for p in profiles:
+    lines.append(f'| [{",".join(map(str, p.depth))}] | {sum(p.depth)} | '
+                 f'{p.params / 1e6:.3f} | {p.flops / 1e6:.1f} |')
+  return '\n'.join(lines)

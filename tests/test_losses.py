@@ -1,0 +1,168 @@
+"""Every objective term against a hand-written NumPy computation."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddnn_jax import losses
+
+D, B, C = 4, 5, 6  # full net + 3 sub-nets, batch, classes
+STAGE_SHAPES = [(4, 4, 3), (2, 2, 5)]
+
+
+# ---- NumPy reference -------------------------------------------------------
+
+def np_softmax(z, t=1.0):
+  e = np.exp(z / t - np.max(z / t, -1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def np_ce(z, y):
+  return -np.mean(np.log(np_softmax(z))[np.arange(len(y)), y])
+
+
+def np_kl(p_teacher, z_student, t=1.0):
+  q = np_softmax(z_student, t)
+  return np.mean(np.sum(p_teacher * (np.log(p_teacher) - np.log(q)), -1)) * t * t
+
+
+def np_attention(f):
+  a = f.sum(-1).reshape(f.shape[0], -1)
+  return a / (np.sqrt((a * a).sum(-1, keepdims=True)) + 1e-6)
+
+
+def np_ekd(z, att, y, w, alpha, t):
+  k = len(z) - 1
+  p = [np_softmax(zi, t) for zi in z]
+  p_et = np.mean(p, 0)
+  loss = np_ce(z[0], y) + np.mean([np_ce(z[i], y) for i in range(1, k + 1)])
+  kl = sum(np_kl(p[0], z[i], t) for i in range(1, k + 1)) + np_kl(p_et, z[0], t)
+  mse = 0.0
+  for a in att:  # stages
+    mse += sum(np.mean((a[0] - a[i])**2) for i in range(1, k + 1))
+    mse += np.mean((np.mean(a, 0) - a[0])**2)
+  return loss + w / (k + 1) * kl + alpha / (k + 1) * mse
+
+
+@pytest.fixture
+def inputs():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(D, B, C)).astype(np.float32) * 2
+  features = [np.abs(rng.normal(size=(D, B, *s))).astype(np.float32) for s in STAGE_SHAPES]
+  labels = rng.integers(0, C, B).astype(np.int32)
+  return logits, features, labels
+
+
+def _attention(features):
+  return tuple(jax.vmap(losses.attention_map)(jnp.asarray(f)) for f in features)
+
+
+# ---- single terms -----------------------------------------------------------
+
+def test_kl_known_value():
+  # KL([1/2, 1/2] || [1/4, 3/4]) = 1/2 ln 2 + 1/2 ln(2/3)
+  teacher = jnp.array([[0.5, 0.5]])
+  student_logits = jnp.log(jnp.array([[0.25, 0.75]]))
+  expected = 0.5 * np.log(2) + 0.5 * np.log(2 / 3)
+  np.testing.assert_allclose(losses.kl_divergence(teacher, student_logits), expected, rtol=1e-6)
+  # Zero teacher probabilities contribute nothing (0 log 0 = 0), not NaN.
+  assert float(losses.kl_divergence(jnp.array([[1.0, 0.0]]), jnp.zeros((1, 2)))) == pytest.approx(
+      np.log(2), rel=1e-6)
+
+
+def test_terms_match_numpy(inputs):
+  logits, features, labels = inputs
+  np.testing.assert_allclose(losses.cross_entropy(logits[1], labels), np_ce(logits[1], labels),
+                             rtol=1e-5)
+  p = np_softmax(logits[0], 2.0)
+  np.testing.assert_allclose(losses.kl_divergence(p, logits[2], 2.0), np_kl(p, logits[2], 2.0),
+                             rtol=1e-5)
+  a = losses.attention_map(jnp.asarray(features[0][1]))
+  chex.assert_shape(a, (B, 16))
+  np.testing.assert_allclose(a, np_attention(features[0][1]), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(jnp.linalg.norm(a, axis=-1), np.ones(B), rtol=1e-5)
+
+
+@pytest.mark.parametrize('w,alpha,t', [(1.0, 1.0, 1.0), (0.5, 100.0, 3.0), (2.0, 0.0, 1.0)])
+def test_ekd_objective_matches_numpy(inputs, w, alpha, t):
+  logits, features, labels = inputs
+  att_np = [np.stack([np_attention(f[d]) for d in range(D)]) for f in features]
+  loss, parts = losses.ddnn_objective('ekd', jnp.asarray(logits), _attention(features),
+                                      jnp.asarray(labels), w=w, alpha=alpha, temperature=t)
+  np.testing.assert_allclose(loss, np_ekd(logits, att_np if alpha else [], labels, w, alpha, t),
+                             rtol=1e-5)
+  chex.assert_shape([parts['ce']], (D,))
+  chex.assert_shape([parts['kl'], parts['attention']], (D - 1,))
+
+
+def test_vmapped_terms_equal_python_loop(inputs):
+  logits, features, labels = inputs
+  attention = _attention(features)
+  _, parts = losses.ddnn_objective('ekd', jnp.asarray(logits), attention, jnp.asarray(labels),
+                                   temperature=2.0)
+  teacher = jax.nn.softmax(logits[0] / 2.0)
+  for k in range(1, D):
+    np.testing.assert_allclose(parts['ce'][k], losses.cross_entropy(logits[k], labels),
+                               rtol=1e-6)
+    np.testing.assert_allclose(parts['kl'][k - 1],
+                               losses.kl_divergence(teacher, logits[k], 2.0), rtol=1e-6)
+    mse = sum(losses.attention_mse(a[0], a[k]) for a in attention)
+    np.testing.assert_allclose(parts['attention'][k - 1], mse, rtol=1e-6)
+
+
+def test_other_modes_match_numpy(inputs):
+  logits, _, labels = inputs
+  z, y = jnp.asarray(logits), jnp.asarray(labels)
+  ce = [np_ce(logits[d], labels) for d in range(D)]
+  p = [np_softmax(logits[d]) for d in range(D)]
+
+  loss, parts = losses.ddnn_objective('individual', z[:1], (), y)
+  np.testing.assert_allclose(loss, ce[0], rtol=1e-6)
+  chex.assert_shape(parts['ce'], (1,))
+
+  hard = ce[0] + np.mean(ce[1:])
+  np.testing.assert_allclose(losses.ddnn_objective('ddnn', z, (), y)[0], hard, rtol=1e-6)
+
+  ipkd = hard + 0.7 * np.mean([np_kl(p[0], logits[k]) for k in range(1, D)])
+  np.testing.assert_allclose(losses.ddnn_objective('ipkd', z, (), y, w=0.7)[0], ipkd, rtol=1e-5)
+
+  # Teacher assistants: each sub-net is taught by the next larger depth.
+  ta = hard + 0.7 * np.mean([np_kl(p[k - 1], logits[k]) for k in range(1, D)])
+  np.testing.assert_allclose(losses.ddnn_objective('ipkd_ta', z, (), y, w=0.7)[0], ta, rtol=1e-5)
+
+
+def test_teachers_are_stop_gradient(inputs):
+  logits, features, labels = inputs
+  attention = _attention(features)
+  w, alpha = 0.8, 5.0
+
+  def ekd(z, a):
+    return losses.ddnn_objective('ekd', z, a, labels, w=w, alpha=alpha)[0]
+
+  def student_paths(z, a):
+    # Only the student side of every term may carry gradient.
+    sg = jax.lax.stop_gradient
+    p = jax.nn.softmax(sg(z))
+    loss = losses.cross_entropy(z[0], labels) + jnp.mean(
+        jnp.stack([losses.cross_entropy(z[k], labels) for k in range(1, D)]))
+    kl = sum(losses.kl_divergence(p[0], z[k]) for k in range(1, D))
+    kl += losses.kl_divergence(jnp.mean(p, 0), z[0])
+    mse = sum(sum(losses.attention_mse(sg(s[0]), s[k]) for k in range(1, D))
+              + losses.attention_mse(sg(jnp.mean(s, 0)), s[0]) for s in a)
+    return loss + w / D * kl + alpha / D * mse
+
+  got = jax.grad(ekd, argnums=(0, 1))(jnp.asarray(logits), attention)
+  want = jax.grad(student_paths, argnums=(0, 1))(jnp.asarray(logits), attention)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('mode,num_logits,message', [
+    ('kd', 3, "unknown mode 'kd'"),
+    ('individual', 3, 'give no sub-nets'),
+    ('ekd', 1, 'needs at least one sub-net'),
+])
+def test_bad_mode_raises(mode, num_logits, message):
+  with pytest.raises(ValueError, match=message):
+    losses.ddnn_objective(mode, jnp.zeros((num_logits, 2, 3)), (), jnp.zeros(2, jnp.int32))

@@ -1,0 +1,195 @@
+"""Model families, depth configurations, parameter sharing and sizes."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ddnn_jax import losses, models, profile
+
+B = 2
+
+
+def _init_apply(model, image_shape, depth=None, abstract=False):
+  """Full-net variables and the outputs of ``depth`` applied to them (shapes only if abstract)."""
+  x = jnp.ones((B, *image_shape), jnp.float32)
+  run = jax.eval_shape if abstract else lambda f, *a: jax.jit(f)(*a)
+  variables = run(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  return variables, run(lambda v, x: model.apply(v, x, depth=depth, train=False), variables, x)
+
+
+@pytest.mark.parametrize('arch,depth,image_shape,stage_shapes', [
+    # CIFAR ResNets, width 4: 3 stages of 4/8/16 channels at 1, 1/2, 1/4 resolution.
+    ('resnet20', None, (16, 16, 3), [(16, 16, 4), (8, 8, 8), (4, 4, 16)]),
+    ('resnet20', (1, 2, 3), (16, 16, 3), [(16, 16, 4), (8, 8, 8), (4, 4, 16)]),
+    ('resnet56', 'resnet32', (8, 8, 3), [(8, 8, 4), (4, 4, 8), (2, 2, 16)]),
+    ('resnet20', (1, 1, 1), (28, 28, 1), [(28, 28, 4), (14, 14, 8), (7, 7, 16)]),
+    # ImageNet ResNets: stem /4, then stages at /4, /8, /16, /32; bottleneck expands x4.
+    ('resnet18', None, (32, 32, 3), [(8, 8, 4), (4, 4, 8), (2, 2, 16), (1, 1, 32)]),
+    ('resnet34', 'resnet18', (32, 32, 3), [(8, 8, 4), (4, 4, 8), (2, 2, 16), (1, 1, 32)]),
+    ('resnet50', (3, 3, 3, 3), (32, 32, 3), [(8, 8, 16), (4, 4, 32), (2, 2, 64), (1, 1, 128)]),
+    ('resnet101', (1, 1, 1, 1), (32, 32, 3), [(8, 8, 16), (4, 4, 32), (2, 2, 64), (1, 1, 128)]),
+    # VGG: stage s has min(4*2^s, 32) channels, pooled by 2 after each stage.
+    ('vgg16', None, (16, 16, 3), [(16, 16, 4), (8, 8, 8), (4, 4, 16), (2, 2, 32), (1, 1, 32)]),
+    ('vgg19', 'vgg11', (16, 16, 3), [(16, 16, 4), (8, 8, 8), (4, 4, 16), (2, 2, 32), (1, 1, 32)]),
+    ('vgg13', None, (28, 28, 1), [(28, 28, 4), (14, 14, 8), (7, 7, 16), (4, 4, 32), (2, 2, 32)]),
+])
+def test_output_shapes(arch, depth, image_shape, stage_shapes):
+  model = models.create_model(arch, num_classes=7, width=4)
+  depth = None if depth is None else models.resolve_depth(depth, arch)
+  # Deep ImageNet nets take seconds to initialise on CPU: check their shapes abstractly.
+  _, (logits, features) = _init_apply(model, image_shape, depth, abstract=sum(
+      model.stage_sizes) > 10)
+  chex.assert_shape(logits, (B, 7))
+  chex.assert_type(logits, jnp.float32)
+  assert len(features) == len(stage_shapes)
+  for f, shape in zip(features, stage_shapes):
+    chex.assert_shape(f, (B, *shape))
+    chex.assert_type(f, jnp.float32)
+  if isinstance(logits, jax.Array):
+    chex.assert_tree_all_finite((logits, features))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = models.create_model('resnet20', 10, width=4, dtype=jnp.bfloat16)
+  variables, (logits, features) = _init_apply(model, (8, 8, 3))
+  chex.assert_trees_all_equal_dtypes(variables['params'],
+                                     jax.tree.map(lambda x: x.astype(jnp.float32),
+                                                  variables['params']))
+  chex.assert_type(logits, jnp.float32)  # Returned in float32 for a stable loss.
+
+
+# Published sizes: He et al. 2016 (CIFAR: 0.27M / 0.85M; ImageNet from torchvision).
+@pytest.mark.parametrize('arch,num_classes,image_shape,published', [
+    ('resnet20', 10, (32, 32, 3), 0.27e6),
+    ('resnet56', 10, (32, 32, 3), 0.85e6),
+    ('resnet18', 1000, (224, 224, 3), 11.69e6),
+    ('resnet34', 1000, (224, 224, 3), 21.80e6),
+    ('resnet50', 1000, (224, 224, 3), 25.56e6),
+])
+def test_param_counts_match_published(arch, num_classes, image_shape, published):
+  model = models.create_model(arch, num_classes)
+  params = profile.profile_subnet(model, image_shape).params
+  assert abs(params - published) / published < 0.01, (arch, params)
+
+
+def test_flops_of_tiny_net_match_hand_count():
+  # ResNet-20 sub-net [1,1,1], width 4, 8x8x3 input: multiply-adds conv by conv.
+  hand = (8 * 8 * 4 * 9 * 3            # stem
+          + 2 * 8 * 8 * 4 * 9 * 4      # stage 0 block 0
+          + 4 * 4 * 8 * 9 * 4 + 4 * 4 * 8 * 9 * 8     # stage 1 block 0 (stride 2)
+          + 2 * 2 * 16 * 9 * 8 + 2 * 2 * 16 * 9 * 16  # stage 2 block 0 (stride 2)
+          + 16 * 10)                   # classifier
+  model = models.create_model('resnet20', 10, width=4)
+  assert profile.profile_subnet(model, (8, 8, 3), (1, 1, 1)).flops == hand
+  # The full net adds 2 more blocks per stage; the sub-net has fewer parameters.
+  full = profile.profile_subnet(model, (8, 8, 3))
+  extra = 2 * (2 * 8 * 8 * 4 * 9 * 4 + 2 * 4 * 4 * 8 * 9 * 8 + 2 * 2 * 2 * 16 * 9 * 16)
+  assert full.flops == hand + extra
+  assert full.params > profile.profile_subnet(model, (8, 8, 3), (1, 1, 1)).params
+
+
+def test_resnet50_flops_near_published():
+  flops = profile.profile_subnet(models.create_model('resnet50', 1000), (224, 224, 3)).flops
+  assert abs(flops - 4.09e9) / 4.09e9 < 0.01  # torchvision: 4.09 GMACs
+
+
+def test_profile_table_lists_every_depth():
+  model = models.create_model('resnet56', 10)
+  rows = [profile.profile_subnet(model, (32, 32, 3), d)
+          for d in models.depth_set('resnet56', ['resnet44', 'resnet32'])]
+  table = profile.format_profile_table('resnet56', rows)
+  assert '[9,9,9]' in table and '[7,7,7]' in table and '[5,5,5]' in table
+  assert [r.flops for r in rows] == sorted((r.flops for r in rows), reverse=True)
+
+
+@pytest.mark.parametrize('depth,message', [
+    ((3, 3), 'has 2 stages but resnet20 has 3'),
+    ((3, 3, 3, 3), 'has 4 stages'),
+    ((0, 3, 3), 'stage 0 needs at least 1 block, got 0'),
+    ((3, -1, 3), 'stage 1 needs at least 1 block, got -1'),
+    ((3, 3, 4), 'stage 2 has 4 blocks but resnet20 [3,3,3] has only 3'),
+    ((1.5, 1, 1), 'is not an integer'),
+    (('2', 1, 1), 'is not an integer'),
+    ((True, 1, 1), 'is not an integer'),
+    (3, 'must be a list'),
+    ('resnet18', 'is a resnet_basic but resnet20 is a cifar_resnet'),
+    ('resnet21', "unknown depth 'resnet21'"),
+])
+def test_invalid_depths_raise_clear_errors(depth, message):
+  with pytest.raises(ValueError) as err:
+    models.resolve_depth(depth, 'resnet20')
+  assert message in str(err.value)
+
+
+def test_invalid_depth_at_call_time():
+  model = models.create_model('resnet20', 10, width=4)
+  x = jnp.ones((1, 8, 8, 3))
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  with pytest.raises(ValueError, match='has only 3'):
+    model.apply(variables, x, depth=(1, 1, 5), train=False)
+
+
+def test_named_and_listed_depths_agree():
+  assert models.resolve_depth('resnet44', 'resnet56') == (7, 7, 7)
+  assert models.resolve_depth([7, 7, 7], 'resnet56') == (7, 7, 7)
+  assert models.resolve_depth('ResNet18', 'resnet34') == (2, 2, 2, 2)
+  with pytest.raises(ValueError, match='unknown architecture'):
+    models.create_model('resnet19', 10)
+
+
+def test_depth_set_orders_and_checks_subnets():
+  assert models.depth_set('resnet56', ['resnet32', [7, 7, 7]]) == (
+      (9, 9, 9), (7, 7, 7), (5, 5, 5))
+  with pytest.raises(ValueError, match='is the full net'):
+    models.depth_set('resnet20', [(3, 3, 3)])
+  with pytest.raises(ValueError, match='repeat'):
+    models.depth_set('resnet20', [(1, 1, 1), [1, 1, 1]])
+
+
+def _module_names(tree):
+  return set(tree.keys())
+
+
+def test_subnets_are_subtrees_of_the_full_net():
+  model = models.create_model('resnet20', 10, width=4)
+  x = jnp.ones((1, 8, 8, 3))
+  full = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)['params']
+  sub = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, depth=(1, 2, 1), train=False),
+                       x)['params']
+  assert _module_names(sub) < _module_names(full)
+  assert _module_names(sub) == {'stem_conv', 'stem_bn', 'head', 'stage0_block0',
+                                'stage1_block0', 'stage1_block1', 'stage2_block0'}
+  # Same names, same shapes: the sub-net is a view of the full tree.
+  jax.tree.map(lambda a, b: chex.assert_equal_shape([a, b]), sub,
+               {k: full[k] for k in sub})
+
+
+def test_gradient_step_on_subnet_touches_only_its_blocks():
+  model = models.create_model('resnet20', 10, width=4)
+  x = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
+  labels = jnp.arange(8) % 10
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+  params = variables['params']
+  depth = (1, 2, 1)
+
+  def loss(p):
+    (logits, _), _ = model.apply({'params': p, 'batch_stats': variables['batch_stats']}, x,
+                                 depth=depth, train=True, mutable=['batch_stats'])
+    return losses.cross_entropy(logits, labels)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  new = optax.apply_updates(params, jax.tree.map(lambda g: -0.1 * g, grads))
+  used = {'stem_conv', 'stem_bn', 'head', 'stage0_block0', 'stage1_block0', 'stage1_block1',
+          'stage2_block0'}
+  for name in params:
+    changed = any(not np.array_equal(a, b) for a, b in
+                  zip(jax.tree.leaves(params[name]), jax.tree.leaves(new[name])))
+    assert changed == (name in used), name
+  # The full net's deeper blocks are bitwise untouched.
+  chex.assert_trees_all_equal(params['stage2_block2'], new['stage2_block2'])
+  assert math.isfinite(float(loss(new)))
