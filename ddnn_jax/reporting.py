@@ -1,0 +1,288 @@
+"""Metrics output (JSONL + TensorBoard) and the final results table and plot.
+
+Local paths are written with plain file I/O. Remote paths (gs://...) go through
+etils.epath for the JSONL and the results, and through tensorboardX's own GCS
+writer for the event files. Remote paths need gcsfs (or tensorflow) and
+google-cloud-storage; launch/tpu_vm.sh installs both.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
+TB_DIR = 'tb'
+CSV_FIELDS = ('name', 'depth', 'params', 'flops', 'top1_error')
+
+
+def _is_remote(path: str) -> bool:
+  return '://' in path
+
+
+def _join(*parts: str) -> str:
+  # os.path.join also keeps gs:// URLs intact.
+  return os.path.join(*parts)
+
+
+# --- metrics during training ----------------------------------------------------
+
+
+class _JsonlFile:
+  """Appends JSON lines, locally or to an object store.
+
+  Object stores cannot append, so for remote paths we keep every line in
+  memory and rewrite the whole object on flush. Lines that are already there
+  (from a run we resume) are read first, so they are kept.
+  """
+
+  def __init__(self, path: str):
+    self._path = path
+    self._remote = _is_remote(path)
+    if self._remote:
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      self._epath = epath.Path(path)
+      self._lines = (self._epath.read_text().splitlines(keepends=True)
+                     if self._epath.exists() else [])
+      self._dirty = False
+    else:
+      self._file = open(path, 'a', encoding='utf-8')
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    line = json.dumps(record) + '\n'
+    if self._remote:
+      self._lines.append(line)
+      self._dirty = True
+    else:
+      self._file.write(line)
+
+  def flush(self) -> None:
+    if not self._remote:
+      self._file.flush()
+    elif self._dirty:
+      self._epath.write_text(''.join(self._lines))
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+    if not self._remote:
+      self._file.close()
+
+
+def _to_float(name: str, value: Any) -> float:
+  # np.asarray also pulls jax arrays off the device.
+  array = np.asarray(value)
+  if array.size != 1:
+    raise ValueError(f'scalar {name!r} has shape {array.shape}, expected a scalar')
+  return float(array.reshape(()))
+
+
+class MetricWriter:
+  """Writes scalars to workdir/metrics.jsonl and TensorBoard files in workdir/tb.
+
+  Each write_scalars call adds one JSON object, {"step": int, **scalars}, to
+  the JSONL file. NaN and inf are written as Python's json does (NaN, Infinity),
+  so a diverging loss stays visible. With enabled=False (processes other than
+  0 in a multi-host run) it writes nothing and creates no files.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self._enabled = enabled
+    self._jsonl: _JsonlFile | None = None
+    self._tb = None
+    if not enabled:
+      return
+    if not _is_remote(workdir):
+      os.makedirs(workdir, exist_ok=True)
+    # Imported here so that disabled writers (and the rest of the package)
+    # do not pay for tensorboardX.
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    self._jsonl = _JsonlFile(_join(workdir, METRICS_FILE))
+    self._tb = tensorboardX.SummaryWriter(_join(workdir, TB_DIR))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self._enabled:
+      return
+    if self._jsonl is None:
+      raise RuntimeError('MetricWriter is closed')
+    if 'step' in scalars:
+      raise ValueError("'step' is reserved for the step number")
+    step = int(step)
+    values = {name: _to_float(name, value) for name, value in scalars.items()}
+    self._jsonl.write({'step': step, **values})
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, global_step=step)
+
+  def flush(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.flush()
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._tb.close()
+      self._jsonl = self._tb = None
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """Reads back workdir/metrics.jsonl, in order; [] if it does not exist."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(_join(workdir, METRICS_FILE))
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+# --- results table and plot -------------------------------------------------------
+
+
+def _format_depth(depth: Any) -> str:
+  if isinstance(depth, str):
+    return depth
+  return '[' + ','.join(str(int(d)) for d in depth) + ']'
+
+
+def results_rows(names: Sequence[str], depths: Sequence[Any],
+                 params: Sequence[float], flops: Sequence[float],
+                 top1_acc: Sequence[float]) -> list[dict[str, Any]]:
+  """Makes one row per sub-net.
+
+  Args:
+    names: e.g. 'full', 'sub1', ...
+    depths: blocks per stage, as a sequence (e.g. [3, 3, 3]) or a string.
+    params: parameter counts.
+    flops: multiply-adds per image.
+    top1_acc: top-1 accuracy as a fraction in [0, 1].
+
+  Returns:
+    Dicts with keys name, depth (e.g. '[3,3,3]'), params, flops and
+    top1_error (in %, = 100 * (1 - acc)).
+  """
+  columns = (names, depths, params, flops, top1_acc)
+  if len({len(c) for c in columns}) != 1:
+    raise ValueError(f'column lengths differ: {[len(c) for c in columns]}')
+  rows = []
+  for name, depth, n_params, n_flops, acc in zip(*columns):
+    acc = _to_float('top1_acc', acc)
+    if not 0.0 <= acc <= 1.0:
+      raise ValueError(f'top1_acc of {name!r} is {acc}; pass a fraction in [0, 1]')
+    rows.append({
+        'name': str(name),
+        'depth': _format_depth(depth),
+        'params': int(round(_to_float('params', n_params))),
+        'flops': int(round(_to_float('flops', n_flops))),
+        # Rounded so the CSV shows 22.8, not 22.799999999999997.
+        'top1_error': round(100.0 * (1.0 - acc), 6),
+    })
+  return rows
+
+
+def format_markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Formats rows as a markdown table, with params and FLOPs in millions."""
+  lines = [
+      '| Net | Depth | Params (M) | FLOPs (M) | Top-1 err (%) |',
+      '|:----|:------|-----------:|----------:|--------------:|',
+  ]
+  for r in rows:
+    lines.append(f"| {r['name']} | {r['depth']} | {r['params'] / 1e6:,.2f} | "
+                 f"{r['flops'] / 1e6:,.1f} | {r['top1_error']:.2f} |")
+  return '\n'.join(lines) + '\n'
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction='ignore',
+                          lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(rows)
+  return buf.getvalue()
+
+
+def _plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
+  """Draws top-1 accuracy vs. FLOPs, one labelled point per sub-net."""
+  # Figure + FigureCanvasAgg rather than pyplot: no global backend switch and
+  # no figure registry to leak, so it is safe inside a training process.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  ordered = sorted(rows, key=lambda r: r['flops'])
+  x = [r['flops'] / 1e6 for r in ordered]
+  y = [100.0 - r['top1_error'] for r in ordered]
+  fig = Figure(figsize=(6, 4.5), dpi=120)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  ax.plot(x, y, 'o-', color='tab:blue')
+  for r, xi, yi in zip(ordered, x, y):
+    ax.annotate(f"{r['name']} {r['depth']}", (xi, yi), textcoords='offset points',
+                xytext=(5, -12), fontsize=8)
+  ax.set_xlabel('FLOPs (M multiply-adds)')
+  ax.set_ylabel('Top-1 accuracy (%)')
+  ax.set_title(title or 'Top-1 accuracy vs. FLOPs')
+  ax.grid(True, alpha=0.3)
+  ax.margins(x=0.15, y=0.15)  # room for the labels
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png')
+  return buf.getvalue()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  """Writes data so that readers see the old file or the new one, never half."""
+  if _is_remote(path):
+    # An object-store upload only becomes visible once complete.
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    epath.Path(path).write_bytes(data)
+    return
+  directory, name = os.path.split(path)
+  fd, tmp = tempfile.mkstemp(dir=directory or '.', prefix=f'.{name}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it 0600
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
+                  title: str = '') -> dict[str, str]:
+  """Writes results.md, results.csv and accuracy_vs_flops.png to workdir.
+
+  Returns:
+    {'markdown': path, 'csv': path, 'plot': path}.
+  """
+  if not rows:
+    raise ValueError('no rows to write')
+  if not _is_remote(workdir):
+    os.makedirs(workdir, exist_ok=True)
+  heading = f'# {title}\n\n' if title else ''
+  paths = {
+      'markdown': _join(workdir, 'results.md'),
+      'csv': _join(workdir, 'results.csv'),
+      'plot': _join(workdir, 'accuracy_vs_flops.png'),
+  }
+  contents = {
+      'markdown': (heading + format_markdown_table(rows)).encode(),
+      'csv': _csv_text(rows).encode(),
+      'plot': _plot_png(rows, title),
+  }
+  for key, path in paths.items():
+    _atomic_write(path, contents[key])
+  return paths
