@@ -1,0 +1,303 @@
+"""Tests for ddnn_jax.prepare on tiny generated archives (and real Debian data)."""
+
+import gzip
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ddnn_jax import prepare
+
+DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
+
+
+# ------------------------------------------------- fake sources (also used by test_data)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+  """Writes uint8 `array` in the idx format, gzipped if path ends in .gz."""
+  header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, '>u4').tobytes()
+  with (gzip.open if path.suffix == '.gz' else open)(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fake_fashion_mnist(folder: Path, num_train: int = 20, num_test: int = 10,
+                             suffix: str = '.gz') -> dict[str, np.ndarray]:
+  folder.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for split, prefix, n in (('train', 'train', num_train), ('test', 't10k', num_test)):
+    arrays[split] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    arrays[f'{split}_labels'] = np.arange(n, dtype=np.uint8) % 10
+    write_idx(folder / f'{prefix}-images-idx3-ubyte{suffix}', arrays[split])
+    write_idx(folder / f'{prefix}-labels-idx1-ubyte{suffix}', arrays[f'{split}_labels'])
+  return arrays
+
+
+def fake_cifar(name: str, num_train: int, num_test: int) -> dict[str, np.ndarray]:
+  """Random CIFAR-like split arrays; fine labels are the example index mod 100."""
+  rng = np.random.default_rng(1)
+  out = {}
+  for split, n in (('train', num_train), ('test', num_test)):
+    out[split] = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    out[f'{split}_labels'] = np.arange(n) % (10 if name == 'cifar10' else 100)
+    out[f'{split}_coarse'] = np.arange(n) % 20
+  return out
+
+
+def _cifar_python_files(name: str, arrays: dict) -> dict[str, bytes]:
+  chw = {s: arrays[s].transpose(0, 3, 1, 2).reshape(len(arrays[s]), -1)
+         for s in ('train', 'test')}
+  if name == 'cifar10':
+    # Five train batches, as in the real archive.
+    files = {f'data_batch_{i + 1}': {b'data': part, b'labels': labels.tolist()}
+             for i, (part, labels) in enumerate(zip(
+                 np.array_split(chw['train'], 5),
+                 np.array_split(arrays['train_labels'], 5)))}
+    files['test_batch'] = {b'data': chw['test'],
+                           b'labels': arrays['test_labels'].tolist()}
+    files['batches.meta'] = {b'label_names': [f'c{i}'.encode() for i in range(10)]}
+  else:
+    files = {s: {b'data': chw[s], b'fine_labels': arrays[f'{s}_labels'].tolist(),
+                 b'coarse_labels': arrays[f'{s}_coarse'].tolist()}
+             for s in ('train', 'test')}
+    files['meta'] = {b'fine_label_names': [f'f{i}'.encode() for i in range(100)],
+                     b'coarse_label_names': [f'k{i}'.encode() for i in range(20)]}
+  return {k: pickle.dumps(v) for k, v in files.items()}
+
+
+def _cifar10_binary_files(arrays: dict) -> dict[str, bytes]:
+  def records(images, labels):
+    chw = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return np.concatenate([labels[:, None].astype(np.uint8), chw], 1).tobytes()
+  files = {f'data_batch_{i + 1}.bin': records(images, labels)
+           for i, (images, labels) in enumerate(zip(
+               np.array_split(arrays['train'], 5),
+               np.array_split(arrays['train_labels'], 5)))}
+  files['test_batch.bin'] = records(arrays['test'], arrays['test_labels'])
+  files['batches.meta.txt'] = ''.join(f'c{i}\n' for i in range(10)).encode()
+  return files
+
+
+def write_fake_cifar(folder: Path, name: str = 'cifar10', num_train: int = 20,
+                     num_test: int = 8, binary: bool = False,
+                     archive: bool = True) -> dict[str, np.ndarray]:
+  """Writes a CIFAR archive (or its extracted folder); returns the arrays."""
+  arrays = fake_cifar(name, num_train, num_test)
+  if binary:
+    files, top = _cifar10_binary_files(arrays), 'cifar-10-batches-bin'
+  else:
+    files = _cifar_python_files(name, arrays)
+    top = 'cifar-10-batches-py' if name == 'cifar10' else 'cifar-100-python'
+  folder.mkdir(parents=True, exist_ok=True)
+  if archive:
+    tar_name = {'cifar-10-batches-py': 'cifar-10-python.tar.gz',
+                'cifar-100-python': 'cifar-100-python.tar.gz',
+                'cifar-10-batches-bin': 'cifar-10-binary.tar.gz'}[top]
+    with tarfile.open(folder / tar_name, 'w:gz') as tar:
+      for member, data in files.items():
+        info = tarfile.TarInfo(f'{top}/{member}')
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  else:
+    (folder / top).mkdir()
+    for member, data in files.items():
+      (folder / top / member).write_bytes(data)
+  return arrays
+
+
+def read_split(name: str, split: str, data_dir: Path) -> list[dict]:
+  source = tfds.data_source(name, split=split, data_dir=str(data_dir), download=False)
+  return [source[i] for i in range(len(source))]
+
+
+def by_id(examples: list[dict]) -> list[dict]:
+  """tfds shuffles records on disk; the cifar 'id' restores source order."""
+  return sorted(examples, key=lambda ex: ex['id'])
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_parse_idx_validates_header_and_size():
+  image = np.arange(12, dtype=np.uint8).reshape(1, 3, 4)
+  data = bytes([0, 0, 8, 3]) + np.asarray([1, 3, 4], '>u4').tobytes() + image.tobytes()
+  np.testing.assert_array_equal(prepare.parse_idx(data, 'x'), image)
+  with pytest.raises(prepare.PrepareError, match='not an idx file'):
+    prepare.parse_idx(b'\x01' + data[1:], 'x')
+  with pytest.raises(prepare.PrepareError, match='does not match'):
+    prepare.parse_idx(data[:-1], 'x')
+
+
+@pytest.mark.parametrize('suffix', ['.gz', ''])
+def test_fashion_mnist_reads_back_like_stock(tmp_path, suffix):
+  arrays = write_fake_fashion_mnist(tmp_path / 'src', suffix=suffix)
+  data_dir = tmp_path / 'data'
+  assert not prepare.is_prepared('fashion_mnist', str(data_dir))
+
+  path = prepare.prepare('fashion_mnist', str(tmp_path / 'src'), str(data_dir))
+
+  assert path == str(data_dir / 'fashion_mnist' / '3.0.1')
+  assert prepare.is_prepared('fashion_mnist', str(data_dir))
+  ours = tfds.builder('fashion_mnist', data_dir=str(data_dir)).info
+  stock = tfds.builder('fashion_mnist').info
+  assert ours.version == stock.version
+  assert repr(ours.features) == repr(stock.features)
+  assert ours.features['label'].names == stock.features['label'].names
+  for split in ('train', 'test'):
+    examples = read_split('fashion_mnist', split, data_dir)
+    assert len(examples) == len(arrays[split])
+    # Order on disk is tfds' shuffle: compare as a multiset via sorted bytes.
+    got = sorted((ex['image'][..., 0].tobytes(), int(ex['label'])) for ex in examples)
+    want = sorted((img.tobytes(), int(lbl))
+                  for img, lbl in zip(arrays[split], arrays[f'{split}_labels']))
+    assert got == want
+
+
+@pytest.mark.parametrize('binary, archive', [(False, True), (True, True), (True, False)])
+def test_cifar10_python_and_binary_layouts(tmp_path, binary, archive):
+  arrays = write_fake_cifar(tmp_path / 'src', binary=binary, archive=archive)
+  data_dir = tmp_path / 'data'
+
+  prepare.prepare('cifar10', str(tmp_path / 'src'), str(data_dir))
+
+  info = tfds.builder('cifar10', data_dir=str(data_dir)).info
+  assert str(info.version) == '3.0.2'
+  assert repr(info.features) == repr(tfds.builder('cifar10').info.features)
+  assert info.features['label'].names == [f'c{i}' for i in range(10)]
+  for split in ('train', 'test'):
+    examples = by_id(read_split('cifar10', split, data_dir))
+    assert [ex['id'] for ex in examples] == [
+        f'{split}_{i:05d}'.encode() for i in range(len(arrays[split]))]
+    np.testing.assert_array_equal(np.stack([ex['image'] for ex in examples]),
+                                  arrays[split])
+    np.testing.assert_array_equal([ex['label'] for ex in examples],
+                                  arrays[f'{split}_labels'])
+
+
+def test_cifar100_fine_and_coarse_labels(tmp_path):
+  arrays = write_fake_cifar(tmp_path / 'src', 'cifar100', num_train=30, num_test=5)
+
+  prepare.prepare('cifar100', str(tmp_path / 'src'), str(tmp_path / 'data'))
+
+  info = tfds.builder('cifar100', data_dir=str(tmp_path / 'data')).info
+  assert repr(info.features) == repr(tfds.builder('cifar100').info.features)
+  assert info.features['coarse_label'].names[3] == 'k3'
+  examples = by_id(read_split('cifar100', 'train', tmp_path / 'data'))
+  np.testing.assert_array_equal([ex['label'] for ex in examples], arrays['train_labels'])
+  np.testing.assert_array_equal([ex['coarse_label'] for ex in examples],
+                                arrays['train_coarse'])
+
+
+def test_prepare_twice_is_a_no_op(tmp_path):
+  write_fake_fashion_mnist(tmp_path / 'src')
+  first = prepare.prepare('fashion_mnist', str(tmp_path / 'src'), str(tmp_path / 'data'))
+  stamp = os.stat(Path(first) / 'dataset_info.json').st_mtime_ns
+  assert prepare.prepare('fashion_mnist', str(tmp_path / 'src'),
+                         str(tmp_path / 'data')) == first
+  assert os.stat(Path(first) / 'dataset_info.json').st_mtime_ns == stamp
+
+
+def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
+  write_fake_fashion_mnist(tmp_path / 'src')
+  data_dir = tmp_path / 'data'
+
+  def broken_png(image):
+    raise RuntimeError('disk full')
+  monkeypatch.setattr(prepare, '_png', broken_png)
+  with pytest.raises(RuntimeError, match='disk full'):
+    prepare.prepare('fashion_mnist', str(tmp_path / 'src'), str(data_dir))
+
+  assert list(data_dir.iterdir()) == []
+  assert not prepare.is_prepared('fashion_mnist', str(data_dir))
+
+
+def _small_fashion_images(folder: Path) -> None:
+  write_fake_fashion_mnist(folder)
+  write_idx(folder / 'train-images-idx3-ubyte.gz', np.zeros((20, 5, 5)))
+
+
+@pytest.mark.parametrize('name, make, error', [
+    ('fashion_mnist', lambda d: None, 'neither train-images-idx3-ubyte.gz'),
+    ('fashion_mnist', _small_fashion_images, 'expected 28x28'),
+    ('cifar10', lambda d: None, 'cifar-10-python.tar.gz'),
+    ('cifar10', lambda d: (d / 'cifar-10-python.tar.gz').write_bytes(b'junk'),
+     'broken cifar10 files'),
+])
+def test_bad_sources_raise_one_line(tmp_path, name, make, error):
+  make(tmp_path)
+  with pytest.raises(prepare.PrepareError, match=error) as info:
+    prepare.read_source(name, tmp_path)
+  assert '\n' not in str(info.value)
+
+
+def test_refuses_pickles_that_run_code(tmp_path):
+  class Evil:
+    def __reduce__(self):
+      return (os.system, ('true',))
+  folder = tmp_path / 'cifar-10-batches-py'
+  folder.mkdir()
+  (folder / 'data_batch_1').write_bytes(pickle.dumps(Evil()))
+  with pytest.raises(prepare.PrepareError, match='refusing to unpickle'):
+    prepare.read_source('cifar10', tmp_path)
+
+
+def test_has_source(tmp_path):
+  assert not prepare.has_source('fashion_mnist', str(tmp_path))
+  write_fake_fashion_mnist(tmp_path)
+  write_fake_cifar(tmp_path, 'cifar100')
+  assert prepare.has_source('fashion_mnist', str(tmp_path))
+  assert prepare.has_source('cifar100', str(tmp_path))
+  assert not prepare.has_source('cifar10', str(tmp_path))
+  assert not prepare.has_source('imagenet2012', str(tmp_path))
+
+
+def test_main_prepares(tmp_path, capsys):
+  write_fake_fashion_mnist(tmp_path / 'src')
+  rc = prepare.main(['fashion_mnist', '--from', str(tmp_path / 'src'),
+                     '--data_dir', str(tmp_path / 'data')])
+  assert rc == 0
+  assert 'fashion_mnist is prepared in' in capsys.readouterr().out
+  assert prepare.is_prepared('fashion_mnist', str(tmp_path / 'data'))
+
+
+@pytest.mark.parametrize('args, error', [
+    (['cifar10', '--from', '{src}'], 'holds no cifar10 data'),
+    (['cifar10', '--from', '{src}/missing'], 'does not exist'),
+    (['mnist', '--from', '{src}'], "invalid choice: 'mnist'"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, error):
+  (tmp_path / 'src').mkdir()
+  args = [a.format(src=tmp_path / 'src') for a in args]
+  result = subprocess.run(
+      [sys.executable, '-m', 'ddnn_jax.prepare', *args, '--data_dir',
+       str(tmp_path / 'data')],
+      capture_output=True, text=True, timeout=120,
+      cwd=Path(__file__).resolve().parents[1])
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and error in lines[0], result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'data').exists()
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
+                    reason='needs `apt-get install dataset-fashion-mnist`')
+def test_real_debian_fashion_mnist(tmp_path):
+  path = prepare.prepare('fashion_mnist', str(DEBIAN_FASHION_MNIST), str(tmp_path))
+  info = tfds.builder('fashion_mnist', data_dir=str(tmp_path)).info
+  assert path.endswith('fashion_mnist/3.0.1')
+  assert info.splits['train'].num_examples == 60000
+  assert info.splits['test'].num_examples == 10000
+  test = tfds.data_source('fashion_mnist', split='test', data_dir=str(tmp_path),
+                          download=False)
+  labels = np.asarray([test[i]['label'] for i in range(0, 10000, 7)])
+  assert labels.min() == 0 and labels.max() == 9
+  assert test[0]['image'].shape == (28, 28, 1) and test[0]['image'].dtype == np.uint8
