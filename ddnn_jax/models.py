@@ -268,3 +268,12 @@ def depth_set(arch: str, subnets: Sequence[DepthSpec] = ()) -> tuple[Depth, ...]
     raise ValueError(f'sub-nets repeat a depth: {", ".join(_fmt(s) for s in subs)}')
   subs.sort(key=lambda d: (sum(d), d[::-1]), reverse=True)
   return (full, *subs)
+
+
+def depth_label(arch: str, depth: Depth) -> str | None:
+  """The named net a depth equals (e.g. (5, 5, 5) of a ResNet-56 is 'resnet32'), or None."""
+  family = arch_spec(arch).family
+  for name, spec in ARCHS.items():
+    if spec.family == family and spec.stage_sizes == tuple(depth):
+      return name
+  return None

@@ -1,0 +1,72 @@
+r"""Trains and evaluates a DDNN.
+
+  python -m ddnn_jax.main --config configs/default.py --workdir /tmp/ddnn \
+      [--config.train.num_epochs=1 ...]
+
+Multi-host GPU clusters add --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I; TPU pods and SLURM jobs are detected without flags.
+Bad input (config, data, workdir, checkpoint) ends with one line on stderr and exit code 2.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host GPU).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host GPU).')
+flags.DEFINE_integer('process_id', None, 'Index of this process (multi-host GPU).')
+config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/default.py.',
+                                lock_config=True)
+
+
+def fail(message: str) -> None:
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _one_line(err: Exception) -> str:
+  text = str(err).strip()
+  if isinstance(err, (AttributeError, KeyError)):  # --config.no_such_field=...
+    text = text.strip('\'"').replace("\\'", "'").replace('\\n', ' ')
+    return f'unknown config field {text}'
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if not lines:
+    return type(err).__name__
+  if 'config file' in text:  # The cause (missing file, syntax error) is on the last line.
+    return f'cannot load --config: {lines[-1]}'
+  return lines[0]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  # absl would print a usage dump (and config_flags a traceback): one line instead.
+  try:
+    rest = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.keys()  # A config file that failed to load only says so on access.
+    return rest
+  except Exception as err:  # noqa: BLE001 - flag and config-file errors of every kind.
+    fail(_one_line(err))
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.config is None or not FLAGS.workdir:
+    fail('both --config and --workdir are required, e.g. '
+         '--config configs/default.py --workdir /tmp/ddnn')
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, tfds its decoder.
+  # Imported after flag parsing: jax must not initialise before jax.distributed does.
+  from ddnn_jax import data, parallel, train  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.UsageError, data.DataError) as err:
+    fail(str(err))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

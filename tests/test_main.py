@@ -1,0 +1,175 @@
+"""The main job end to end, as a user runs it: real data, kill + resume, bad input."""
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ddnn_jax import data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+TINY = ['--config.model.width=4', '--config.data.train_subset=512',
+        '--config.data.eval_subset=256', '--config.train.batch_size=32',
+        '--config.train.eval_batch_size=128', '--config.train.log_every_steps=4']
+
+
+@pytest.fixture(scope='session')
+def fashion_mnist_dir(tmp_path_factory):
+  if not os.path.isdir(FASHION_MNIST):
+    pytest.skip('apt-get install dataset-fashion-mnist (.ci/run does)')
+  return data.ensure_prepared('fashion_mnist', str(tmp_path_factory.mktemp('tfds')),
+                              FASHION_MNIST)
+
+
+def run_main(workdir, *args, wait=True, timeout=600):
+  config = [] if any(a.startswith('--config=') for a in args) else ['--config=configs/default.py']
+  cmd = [sys.executable, '-m', 'ddnn_jax.main', *config, f'--workdir={workdir}', *args]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def checkpoint_steps(workdir):
+  root = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in root.glob('*') if p.name.isdigit()) if root.exists() else []
+
+
+def restore_state(workdir, step):
+  path = pathlib.Path(workdir) / 'checkpoints' / str(step) / 'state'
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path)
+
+
+@pytest.mark.slow
+def test_default_config_learns_real_fashion_mnist(tmp_path, fashion_mnist_dir):
+  workdir = tmp_path / 'run'
+  result = run_main(workdir, f'--config.data.data_dir={fashion_mnist_dir}',
+                    '--config.train.num_epochs=1', '--config.data.train_subset=6400',
+                    '--config.data.eval_subset=2000', '--config.model.width=8')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['depth'] for r in rows] == ['[3,3,3]', '[2,2,2]', '[1,1,1]']
+  errors = [float(r['top1_error']) for r in rows]
+  # 10 classes: chance is 90% error. After 50 steps every depth must be far better.
+  assert max(errors) < 50, errors
+  # The table holds the measured numbers: those of the last evaluation in metrics.jsonl.
+  lines = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  last_eval = [line for line in lines if 'eval/accuracy/3-3-3' in line][-1]
+  for row in rows:
+    key = 'eval/accuracy/' + row['depth'].strip('[]').replace(',', '-')
+    assert float(row['top1_error']) == pytest.approx(100 * (1 - last_eval[key]), abs=1e-4)
+    assert int(row['params']) > 0 and int(row['flops']) > 0
+  assert (workdir / 'accuracy_vs_flops.png').stat().st_size > 1000
+  assert '| resnet20 | [3,3,3] |' in (workdir / 'results.md').read_text()
+  assert list((workdir / 'tb').glob('events.out.tfevents.*'))
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_equals_uninterrupted_run(tmp_path, fashion_mnist_dir):
+  args = [f'--config.data.data_dir={fashion_mnist_dir}', '--config.train.num_epochs=4',
+          '--config.train.checkpoint_every_steps=5', *TINY]  # 16 steps/epoch, 64 in all.
+  total = 64
+  reference = run_main(tmp_path / 'reference', *args)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+
+  workdir = tmp_path / 'killed'
+  proc = run_main(workdir, *args, wait=False)
+  deadline = time.time() + 300
+  while not checkpoint_steps(workdir) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  killed_at = checkpoint_steps(workdir)
+  assert killed_at and killed_at[-1] < total, f'not killed mid-run: {killed_at}'
+
+  resumed = run_main(workdir, *args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'resumed from checkpoint at step {killed_at[-1]}' in resumed.stdout
+  # Bitwise: params, optimizer state, every depth's BN statistics and the step.
+  chex.assert_trees_all_equal(restore_state(workdir, total),
+                              restore_state(tmp_path / 'reference', total))
+  assert ((workdir / 'results.csv').read_text() ==
+          (tmp_path / 'reference' / 'results.csv').read_text())
+
+
+def assert_one_line_error(result, *fragments):
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('args,fragments', [
+    (['--config.data.dataset=mnist2'], ["unknown dataset 'mnist2'"]),
+    (['--config.mode=kd'], ["unknown mode 'kd'", 'ekd']),
+    (['--config.mode=individual'], ["'individual' trains one net", 'model.subnets']),
+    (['--config.model.subnets=((1,1,4),)'], ['stage 2 has 4 blocks', 'has only 3']),
+    (['--config.model.subnets=((1,1),)'], ['has 2 stages but resnet20 has 3']),
+    (['--config.model.arch=resnet21'], ["unknown architecture 'resnet21'"]),
+    (['--config.train.num_epochs=abc'], ['num_epochs', 'abc']),
+    (['--config.train.epochs=1'], ["unknown config field 'epochs'", 'num_epochs']),
+    (['--config=configs/no_such.py'], ['cannot load --config', 'no_such.py']),
+    (['--config=configs/imagenet_r50.py:v9'], ["unknown hardware preset 'v9'"]),
+    (['positional'], ['unexpected arguments: positional']),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragments):
+  workdir = tmp_path / 'run'
+  result = run_main(workdir, *args)
+  assert_one_line_error(result, *fragments)
+  assert not workdir.exists()  # Nothing half-written.
+
+
+def test_missing_data_names_the_command(tmp_path):
+  empty = tmp_path / 'tfds'
+  empty.mkdir()
+  result = run_main(tmp_path / 'run', '--config=configs/cifar10_resnet56.py',
+                    f'--config.data.data_dir={empty}')
+  assert_one_line_error(result, 'cifar10 is not prepared', 'cifar-10-python.tar.gz',
+                        'python -m ddnn_jax.prepare cifar10')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_unwritable_workdir(tmp_path, fashion_mnist_dir):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')  # A file where a directory is needed: unwritable even for root.
+  result = run_main(blocker / 'run', f'--config.data.data_dir={fashion_mnist_dir}')
+  assert_one_line_error(result, 'is not usable', 'Not a directory')
+
+
+@pytest.mark.slow
+def test_corrupted_checkpoint_is_reported_not_replaced(tmp_path, fashion_mnist_dir):
+  workdir = tmp_path / 'run'
+  args = [f'--config.data.data_dir={fashion_mnist_dir}', '--config.train.num_epochs=1', *TINY]
+  assert run_main(workdir, *args).returncode == 0
+  steps_before = checkpoint_steps(workdir)
+  latest = workdir / 'checkpoints' / str(steps_before[-1]) / 'state'
+  for f in latest.rglob('*'):
+    if f.is_file():
+      f.write_bytes(b'garbage')
+  result = run_main(workdir, *args[:-len(TINY)], '--config.train.num_epochs=2', *TINY)
+  assert_one_line_error(result, f'checkpoint {steps_before[-1]}', 'cannot be restored')
+  assert checkpoint_steps(workdir) == steps_before  # No new "latest" was written.
+
+
+def test_resuming_with_another_architecture_is_refused(tmp_path, fashion_mnist_dir):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps({
+      'mode': 'ekd', 'model': {'arch': 'resnet56', 'subnets': [[1, 1, 1]], 'width': 0},
+      'data': {'dataset': 'fashion_mnist'}}))
+  result = run_main(workdir, f'--config.data.data_dir={fashion_mnist_dir}')
+  assert_one_line_error(result, "model.arch='resnet56'", 'another --workdir')
