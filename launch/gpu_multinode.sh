@@ -33,7 +33,7 @@ Options:
 --config.KEY=VALUE overrides and everything after '--' go to ddnn_jax.main unchanged.
 Example:
   $PROG --nodes gpu01,gpu02 --workdir /shared/ddnn/r50 \\
-    --data-dir /shared/tensorflow_datasets --config.num_epochs=120
+    --data-dir /shared/tensorflow_datasets --config.train.num_epochs=120
 EOF
 }
 

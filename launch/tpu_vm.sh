@@ -55,7 +55,7 @@ Options:
 Example:
   $PROG all --name ddnn-v4 --zone us-central2-b --accelerator-type v4-8 \\
     --workdir gs://my-bucket/ddnn/r50 --data-dir gs://my-bucket/tensorflow_datasets \\
-    --config.num_epochs=120
+    --config.train.num_epochs=120
 EOF
 }
 

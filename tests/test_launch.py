@@ -85,7 +85,7 @@ def test_tpu_all(env):
   create, install, train = _dry_run(TPU, [
       'all', *TPU_BASE, '--accelerator-type', 'v3-32', '--spot',
       '--workdir', 'gs://bucket/run1', '--data-dir=gs://bucket/tfds',
-      '--config.num_epochs=3', '--config.model.name', "it's a net", '--', '--extra=1'], env)
+      '--config.train.num_epochs=3', '--config.model.name', "it's a net", '--', '--extra=1'], env)
 
   assert create[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'ddnn-test']
   assert _option(create, '--accelerator-type') == 'v3-32'
@@ -108,7 +108,7 @@ def test_tpu_all(env):
   assert _main_argv(remote_train) == [
       'python3', '-m', 'ddnn_jax.main', '--config=configs/imagenet_r50.py',
       '--workdir=gs://bucket/run1', '--config.data.data_dir=gs://bucket/tfds',
-      '--config.num_epochs=3', "--config.model.name=it's a net", '--extra=1']
+      '--config.train.num_epochs=3', "--config.model.name=it's a net", '--extra=1']
   assert '~/ddnn_jax_logs/train.log' in remote_train
 
 
@@ -193,7 +193,7 @@ def test_gpu_dry_run(env):
   lines = _dry_run(GPU, [
       '--nodes', ','.join(nodes), '--port', '2222', '--workdir', '/shared/w',
       '--data-dir', '/shared/tfds', '--remote-dir', '/shared/code dir', '--env', 'NCCL_DEBUG=WARN',
-      '--config.num_epochs=3', '--', '--extra=1'], env)
+      '--config.train.num_epochs=3', '--', '--extra=1'], env)
   assert len(lines) == 3
   for i, (argv, node) in enumerate(zip(lines, nodes)):
     assert argv[0] == 'ssh' and argv[-2] == node
@@ -203,7 +203,7 @@ def test_gpu_dry_run(env):
     assert main[:5] == ['python3', '-m', 'ddnn_jax.main', '--config=configs/imagenet_r50.py',
                         '--workdir=/shared/w']
     assert '--config.data.data_dir=/shared/tfds' in main
-    assert '--config.num_epochs=3' in main and '--extra=1' in main
+    assert '--config.train.num_epochs=3' in main and '--extra=1' in main
     assert 'NCCL_DEBUG=WARN' in remote
     # user@ is for ssh; the coordinator is the bare first host.
     assert main[-3:] == ['--coordinator_address=gpu01:2222', '--num_processes=3',
@@ -269,20 +269,21 @@ def test_slurm_sbatch_sets_process_ids(env, tmp_path):
   _write_exe(bin_dir / 'scontrol', '#!/bin/sh\nprintf "gpu07\\ngpu08\\ngpu09\\n"\n')
   _write_exe(bin_dir / 'srun', '#!/usr/bin/env bash\n'
              'while [[ $1 == --* ]]; do shift; done\n'
-             'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_PROCID=$i "$@"; done\n')
+             'for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@"; done\n')
   _write_exe(bin_dir / 'python3', '#!/bin/sh\necho "$*"\n')
+  # 3 nodes x 2 GPUs: one process per GPU.
   slurm_env = {**env, 'SLURM_JOB_NODELIST': 'gpu[07-09]', 'SLURM_NNODES': '3',
-               'WORKDIR': '/shared/w', 'DATA_DIR': '/shared/tfds'}
-  proc = subprocess.run(['bash', SLURM, '--config.num_epochs=3'], env=slurm_env,
+               'SLURM_NTASKS': '6', 'WORKDIR': '/shared/w', 'DATA_DIR': '/shared/tfds'}
+  proc = subprocess.run(['bash', SLURM, '--config.train.num_epochs=3'], env=slurm_env,
                         capture_output=True, text=True, timeout=30, check=False)
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
-  assert len(lines) == 3
+  assert len(lines) == 6
   for i, line in enumerate(lines):
     assert line.split() == [
         '-m', 'ddnn_jax.main', '--config=configs/imagenet_r50.py', '--workdir=/shared/w',
-        '--config.data.data_dir=/shared/tfds', '--config.num_epochs=3',
-        '--coordinator_address=gpu07:12355', '--num_processes=3', f'--process_id={i}']
+        '--config.data.data_dir=/shared/tfds', '--config.train.num_epochs=3',
+        '--coordinator_address=gpu07:12355', '--num_processes=6', f'--process_id={i}']
 
 
 def test_scripts_are_executable():
