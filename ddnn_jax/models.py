@@ -118,12 +118,15 @@ def _conv(features: int, kernel: int, strides: int = 1, *, name: str, dtype: Any
                  kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
 
 
-class CifarBasicBlock(nn.Module):
-  """BasicBlock with He et al.'s parameter-free identity shortcut (option A)."""
+class BasicBlock(nn.Module):
+  """Two 3x3 convs. Where shapes change, the shortcut is a 1x1 projection (ImageNet) or,
+  with ``zero_pad_shortcut``, He et al.'s parameter-free subsample + zero-pad (CIFAR
+  option A, which gives ResNet-20 its 0.27M parameters)."""
   filters: int
   strides: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  zero_pad_shortcut: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -131,29 +134,11 @@ class CifarBasicBlock(nn.Module):
     y = nn.relu(self.norm(name='bn1')(y))
     y = _conv(self.filters, 3, name='conv2', dtype=self.dtype)(y)
     y = self.norm(name='bn2')(y)
-    if x.shape != y.shape:
-      # Subsample and zero-pad channels: no parameters, as in the 0.27M ResNet-20.
+    if x.shape != y.shape and self.zero_pad_shortcut:
       x = x[:, ::self.strides, ::self.strides, :]
       extra = self.filters - x.shape[-1]
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    return nn.relu(x + y)
-
-
-class BasicBlock(nn.Module):
-  """ImageNet BasicBlock with a 1x1 projection shortcut where shapes change."""
-  filters: int
-  strides: int
-  norm: ModuleDef
-  dtype: Any = jnp.float32
-  expansion = 1
-
-  @nn.compact
-  def __call__(self, x):
-    y = _conv(self.filters, 3, self.strides, name='conv1', dtype=self.dtype)(x)
-    y = nn.relu(self.norm(name='bn1')(y))
-    y = _conv(self.filters, 3, name='conv2', dtype=self.dtype)(y)
-    y = self.norm(name='bn2')(y)
-    if x.shape != y.shape:
+    elif x.shape != y.shape:
       x = _conv(self.filters, 1, self.strides, name='proj_conv', dtype=self.dtype)(x)
       x = self.norm(name='proj_bn')(x)
     return nn.relu(x + y)
@@ -165,7 +150,6 @@ class Bottleneck(nn.Module):
   strides: int
   norm: ModuleDef
   dtype: Any = jnp.float32
-  expansion = 4
 
   @nn.compact
   def __call__(self, x):
@@ -226,7 +210,7 @@ class DDNN(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
     else:
       if spec.family == 'cifar_resnet':
-        block_cls: Any = CifarBasicBlock
+        block_cls: Any = functools.partial(BasicBlock, zero_pad_shortcut=True)
         x = _conv(width, 3, name='stem_conv', dtype=self.dtype)(x)
         x = nn.relu(norm(name='stem_bn')(x))
       else:
