@@ -164,7 +164,10 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> epath.P
         raise WorkdirError(f'workdir {workdir} holds a run with {key}={old!r}, not {new!r}: '
                            'use another --workdir')
   elif parallel.is_main_process():
-    saved.write_text(config.to_json(indent=2))
+    # Atomic: other processes of a multi-host run may read it at the same moment.
+    partial = path / 'config.json.tmp'
+    partial.write_text(config.to_json(indent=2))
+    partial.rename(saved)
   return path
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import chex
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -31,13 +32,17 @@ def fashion_mnist_dir(tmp_path_factory):
                               FASHION_MNIST)
 
 
-def run_main(workdir, *args, wait=True, timeout=600):
+def run_main(workdir, *args, wait=True, timeout=600, devices=None):
   config = [] if any(a.startswith('--config=') for a in args) else ['--config=configs/default.py']
   cmd = [sys.executable, '-m', 'ddnn_jax.main', *config, f'--workdir={workdir}', *args]
+  env = None
+  if devices:
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
   if not wait:
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                            text=True, env=env)
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def checkpoint_steps(workdir):
@@ -46,9 +51,14 @@ def checkpoint_steps(workdir):
 
 
 def restore_state(workdir, step):
+  """The saved train state on this process's first device, whatever devices saved it."""
   path = pathlib.Path(workdir) / 'checkpoints' / str(step) / 'state'
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(path)
+    saved = checkpointer.metadata(path).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          saved)
+    return checkpointer.restore(path, target)
 
 
 @pytest.mark.slow
@@ -173,3 +183,36 @@ def test_resuming_with_another_architecture_is_refused(tmp_path, fashion_mnist_d
       'data': {'dataset': 'fashion_mnist'}}))
   result = run_main(workdir, f'--config.data.data_dir={fashion_mnist_dir}')
   assert_one_line_error(result, "model.arch='resnet56'", 'another --workdir')
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_job_like_one(tmp_path, fashion_mnist_dir):
+  """2 processes x 2 devices (jax.distributed, CPU collectives) vs 1 process x 4 devices."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+  args = [f'--config.data.data_dir={fashion_mnist_dir}', '--config.train.num_epochs=1', *TINY,
+          '--config.data.train_subset=128']  # 4 steps of 32, then a checkpoint and eval.
+  single = run_main(tmp_path / 'single', *args, devices=4)
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  workdir = tmp_path / 'multi'
+  address = f'localhost:{portpicker.pick_unused_port()}'
+  procs = [run_main(workdir, *args, f'--coordinator_address={address}', '--num_processes=2',
+                    f'--process_id={i}', wait=False, devices=2) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  # Only process 0 reports (Gloo's own connection messages aside).
+  reports = [[line for line in out.splitlines() if not line.startswith('[Gloo]')]
+             for out, _ in outputs]
+  assert any('4 devices' in line for line in reports[0]) and not reports[1], reports[1]
+  # One train line and one eval line at step 4: process 1 wrote no metrics.
+  assert (workdir / 'metrics.jsonl').read_text().count('{"step": 4,') == 2
+
+  single_rows = list(csv.DictReader(open(tmp_path / 'single' / 'results.csv')))
+  multi_rows = list(csv.DictReader(open(workdir / 'results.csv')))
+  for a, b in zip(single_rows, multi_rows):
+    assert a['depth'] == b['depth'] and a['params'] == b['params']
+    assert abs(float(a['top1_error']) - float(b['top1_error'])) <= 100 / 256 + 1e-6
+  # The checkpoint both processes wrote together holds the single-process state.
+  chex.assert_trees_all_close(restore_state(workdir, 4), restore_state(tmp_path / 'single', 4),
+                              rtol=1e-4, atol=1e-6)
