@@ -71,3 +71,31 @@ def format_profile_table(arch: str, profiles: Sequence[SubnetProfile]) -> str:
     lines.append(f'| [{",".join(map(str, p.depth))}] | {sum(p.depth)} | '
                  f'{p.params / 1e6:.3f} | {p.flops / 1e6:.1f} |')
   return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """``python -m ddnn_jax.profile resnet50 --subnets 3-4-4-3,3-3-3-3 --image 224``."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description='Params and FLOPs of each depth of a DDNN.')
+  parser.add_argument('arch', help=f'full net: {", ".join(models.ARCHS)}')
+  parser.add_argument('--subnets', default='',
+                      help='comma-separated depths: names or dash-separated block counts')
+  parser.add_argument('--image', type=int, default=0, help='input size (default 32; 224 ImageNet)')
+  parser.add_argument('--channels', type=int, default=3)
+  parser.add_argument('--classes', type=int, default=0, help='default 10; 1000 for ImageNet')
+  args = parser.parse_args(argv)
+  try:
+    imagenet = models.arch_spec(args.arch).family.startswith('resnet_')
+    subnets = [s if not s[0].isdigit() else [int(n) for n in s.split('-')]
+               for s in args.subnets.split(',') if s]
+    depths = models.depth_set(args.arch, subnets)
+  except (ValueError, IndexError) as err:
+    parser.exit(2, f'error: {err}\n')
+  size = args.image or (224 if imagenet else 32)
+  model = models.create_model(args.arch, args.classes or (1000 if imagenet else 10))
+  print(format_profile_table(args.arch, [
+      profile_subnet(model, (size, size, args.channels), d) for d in depths]))
+
+
+if __name__ == '__main__':
+  main()

@@ -301,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if eval_metrics is None:  # Resumed a finished run, or the run ended mid-epoch.
     eval_metrics = _evaluate(eval_step, state, config, s, mesh)
   rows = reporting.results_rows(
-      [models.depth_label(config.model.arch, d) or f'sub{k}' for k, d in enumerate(s.depths)],
+      [models.depth_label(config.model.arch, d) or (f'sub{k}' if k else 'single')
+       for k, d in enumerate(s.depths)],
       [p.depth for p in profiles], [p.params for p in profiles], [p.flops for p in profiles],
       eval_metrics['accuracy'])
   if main:

@@ -193,3 +193,13 @@ def test_gradient_step_on_subnet_touches_only_its_blocks():
   # The full net's deeper blocks are bitwise untouched.
   chex.assert_trees_all_equal(params['stage2_block2'], new['stage2_block2'])
   assert math.isfinite(float(loss(new)))
+
+
+def test_profile_command_prints_every_depth(capsys):
+  profile.main(['resnet56', '--subnets', 'resnet44,5-5-5'])
+  table = capsys.readouterr().out
+  assert '| [9,9,9] | 27 | 0.853 |' in table and '[7,7,7]' in table and '[5,5,5]' in table
+  with pytest.raises(SystemExit) as exit_info:
+    profile.main(['resnet56', '--subnets', '1-2'])
+  assert exit_info.value.code == 2
+  assert 'has 2 stages but resnet56 has 3' in capsys.readouterr().err
