@@ -274,6 +274,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       scalars = {'train/loss': mean['loss'], 'train/learning_rate': learning_rate(step),
                  **_per_depth('train/ce', mean['ce'], names),
                  **_per_depth('train/accuracy', mean['accuracy'], names)}
+      # Distillation terms of each sub-net (KL from its teacher, attention MSE) and of
+      # the full net taught by the ensemble (EKD).
+      for part in ('kl', 'attention'):
+        if part in mean:
+          scalars.update(_per_depth(f'train/{part}', mean[part], names[1:]))
+        if f'{part}_full' in mean:
+          scalars[f'train/{part}/{names[0]}'] = mean[f'{part}_full']
       writer.write_scalars(done, scalars)
       bar.set_postfix(loss=f'{mean["loss"]:.3f}',
                       acc='/'.join(f'{a:.2f}' for a in mean['accuracy']))

@@ -84,6 +84,9 @@ def test_default_config_learns_real_fashion_mnist(tmp_path, fashion_mnist_dir):
   assert (workdir / 'accuracy_vs_flops.png').stat().st_size > 1000
   assert '| resnet20 | [3,3,3] |' in (workdir / 'results.md').read_text()
   assert list((workdir / 'tb').glob('events.out.tfevents.*'))
+  train_lines = [line for line in lines if 'train/loss' in line]
+  for key in ('train/kl/2-2-2', 'train/kl/1-1-1', 'train/kl/3-3-3', 'train/attention/1-1-1'):
+    assert np.isfinite(train_lines[-1][key]), key
 
 
 @pytest.mark.slow
