@@ -303,6 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           state=ocp.args.StandardSave(_state_items(state)),
           data=ocp.args.JsonSave(train_iter.get_state())))
   bar.close()
+  train_iter.close()  # Stops grain's worker processes, if any.
   manager.wait_until_finished()
 
   if eval_metrics is None:  # Resumed a finished run, or the run ended mid-epoch.
