@@ -8,6 +8,8 @@ set -euo pipefail
 readonly PROG="${0##*/}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
+# shellcheck source=launch/lib.sh
+source "$REPO_ROOT/launch/lib.sh"
 readonly DEFAULT_CONFIG='configs/imagenet_r50.py'
 
 usage() {
@@ -35,24 +37,6 @@ Example:
   $PROG --nodes gpu01,gpu02 --workdir /shared/ddnn/r50 \\
     --data-dir /shared/tensorflow_datasets --config.train.num_epochs=120
 EOF
-}
-
-die() {
-  printf '%s: error: %s (see --help)\n' "$PROG" "$*" >&2
-  exit 2
-}
-
-# Shell-quote each argument so a printed line can be pasted back into a shell.
-quote() {
-  local out='' arg
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_./:=@,+%^-]+$ ]]; then
-      out+="$arg "
-    else
-      out+="'${arg//\'/\'\\\'\'}' "
-    fi
-  done
-  printf '%s' "${out% }"
 }
 
 # The single place where ssh command lines are assembled. -tt gives the remote
@@ -131,18 +115,9 @@ parse_args() {
     case $1 in
       -h | --help) usage; exit 0 ;;
       --dry-run) DRY_RUN=1 ;;
-      --config.*=*) OVERRIDES+=("$1") ;;
-      --config.*)
-        [[ $# -ge 2 && $2 != --* ]] || die "override $1 needs a value"
-        OVERRIDES+=("$1=$2"); shift ;;
-      --) shift; EXTRA=("$@"); break ;;
-      --*=*) set_option "${1%%=*}" "${1#*=}" ;;
       --*)
-        if [[ $# -ge 2 && $2 != --* ]]; then
-          set_option "$1" "$2"; shift
-        else
-          set_option "$1" ''  # dies: unknown option or missing value
-        fi ;;
+        parse_common "$@"
+        shift "$((CONSUMED - 1))" ;;
       *) die "unexpected argument '$1'" ;;
     esac
     shift

@@ -7,6 +7,8 @@ set -euo pipefail
 readonly PROG="${0##*/}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
+# shellcheck source=launch/lib.sh
+source "$REPO_ROOT/launch/lib.sh"
 readonly DEFAULT_REPO='https://github.com/ddnn-jax/ddnn_jax.git'
 readonly DEFAULT_CONFIG='configs/imagenet_r50.py'
 # The tildes are meant literally here: the remote shell expands them.
@@ -59,26 +61,7 @@ Example:
 EOF
 }
 
-# One readable line on stderr and exit 2, like a bad-usage error from getopt.
-die() {
-  printf '%s: error: %s (see --help)\n' "$PROG" "$*" >&2
-  exit 2
-}
-
 note() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-
-# Shell-quote each argument so a printed line can be pasted back into a shell.
-quote() {
-  local out='' arg
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_./:=@,+%^-]+$ ]]; then
-      out+="$arg "
-    else
-      out+="'${arg//\'/\'\\\'\'}' "
-    fi
-  done
-  printf '%s' "${out% }"
-}
 
 run() {
   if ((DRY_RUN)); then
@@ -219,18 +202,9 @@ parse_args() {
       --preemptible) PREEMPTIBLE=1 ;;
       --copy-local) COPY_LOCAL=1 ;;
       --yes) YES=1 ;;
-      --config.*=*) OVERRIDES+=("$1") ;;
-      --config.*)
-        [[ $# -ge 2 && $2 != --* ]] || die "override $1 needs a value"
-        OVERRIDES+=("$1=$2"); shift ;;
-      --) shift; EXTRA=("$@"); break ;;
-      --*=*) set_option "${1%%=*}" "${1#*=}" ;;
       --*)
-        if [[ $# -ge 2 && $2 != --* ]]; then
-          set_option "$1" "$2"; shift
-        else
-          set_option "$1" ''  # dies: unknown option or missing value
-        fi ;;
+        parse_common "$@"
+        shift "$((CONSUMED - 1))" ;;
       -*) die "unknown option '$1'" ;;
       *)
         [[ -z $SUBCOMMAND ]] || die "unexpected argument '$1' (subcommand is already '$SUBCOMMAND')"
