@@ -166,7 +166,7 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
 
 
 def is_main_process() -> bool:
-  """Process 0 writes logs, checkpoints and reports."""
+  """Process 0 writes logs, metrics and reports (checkpoints are written by all)."""
   return jax.process_index() == 0
 
 
