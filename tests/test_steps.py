@@ -114,3 +114,21 @@ def test_eval_step_ignores_padding():
   full, masked = evaluate(state, batch), evaluate(state, padded)
   assert float(masked['count']) == 8
   chex.assert_trees_all_close(full, masked, rtol=1e-5)
+
+
+def test_bfloat16_mixed_precision_trains():
+  model = models.create_model(ARCH, NUM_CLASSES, width=4, dtype=jnp.bfloat16)
+  depths = models.depth_set(ARCH, [(1, 1, 1)])
+  state = steps.create_train_state(jax.random.key(0), model, depths,
+                                   optax.sgd(0.05, momentum=0.9), IMAGE)
+  train, _ = steps.jit_steps(depths, 'ekd')
+  batch = toy_batch(2)
+  first = None
+  for _ in range(30):
+    state, metrics = train(state, batch)
+    first = metrics['ce'] if first is None else first
+  # Parameters and optimizer state stay float32; the loss is computed in float32.
+  chex.assert_trees_all_equal_dtypes(state.params, jax.tree.map(
+      lambda p: p.astype(jnp.float32), state.params))
+  chex.assert_type(metrics['loss'], jnp.float32)
+  assert np.all(np.asarray(metrics['ce']) < 0.5 * np.asarray(first)), (first, metrics['ce'])
