@@ -49,8 +49,7 @@ def main():
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=10)
   args = parser.parse_args()
-  subnets = [s if not s[0].isdigit() else tuple(int(n) for n in s.split('-'))
-             for s in args.subnets.split(',')]
+  subnets = models.parse_depths(args.subnets)
   model = models.create_model(args.arch, 10, width=args.width)
   image_shape = (args.image, args.image, 3)
   print(f'{args.arch} width {args.width}, sub-nets {args.subnets}, batch {args.batch}, '

@@ -97,6 +97,22 @@ def resolve_depth(spec: DepthSpec, arch: str) -> Depth:
   return check_depth(spec, full.stage_sizes, arch)
 
 
+def parse_depths(text: str) -> list[DepthSpec]:
+  """Command-line depth lists: 'resnet44,5-5-5' -> ['resnet44', (5, 5, 5)].
+
+  Only the syntax is checked here; ``resolve_depth`` checks them against a net.
+  """
+  depths: list[DepthSpec] = []
+  for item in filter(None, text.split(',')):
+    if not item[0].isdigit():
+      depths.append(item)
+    elif all(n.isdigit() for n in item.split('-')):
+      depths.append(tuple(int(n) for n in item.split('-')))
+    else:
+      raise ValueError(f'depth {item!r} must be a name or block counts joined by "-", e.g. 5-5-5')
+  return depths
+
+
 def arch_spec(arch: str) -> ArchSpec:
   try:
     return ARCHS[arch.lower()]

@@ -86,9 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   try:
     imagenet = models.arch_spec(args.arch).family.startswith('resnet_')
-    subnets = [s if not s[0].isdigit() else [int(n) for n in s.split('-')]
-               for s in args.subnets.split(',') if s]
-    depths = models.depth_set(args.arch, subnets)
+    depths = models.depth_set(args.arch, models.parse_depths(args.subnets))
   except (ValueError, IndexError) as err:
     parser.exit(2, f'error: {err}\n')
   size = args.image or (224 if imagenet else 32)

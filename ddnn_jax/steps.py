@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,8 +45,7 @@ def create_train_state(rng: jax.Array, model: models.DDNN, depths: Sequence[mode
                        image_shape: Sequence[int]) -> TrainState:
   """Initialises the full net's parameters and one set of BN statistics per depth."""
   image = jnp.zeros((1, *image_shape), jnp.float32)
-  init = jax.jit(functools.partial(model.init, train=False), static_argnames='depth')
-  variables = init(rng, image)
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, image)
   batch_stats = {}
   for depth in depths:
     used = jax.eval_shape(lambda x, d=depth: model.init(rng, x, depth=d, train=False), image)

@@ -134,6 +134,13 @@ def test_invalid_depth_at_call_time():
     model.apply(variables, x, depth=(1, 1, 5), train=False)
 
 
+def test_parse_depths():
+  assert models.parse_depths('resnet44,5-5-5,') == ['resnet44', (5, 5, 5)]
+  assert models.parse_depths('') == []
+  with pytest.raises(ValueError, match="depth '1-x' must be a name or block counts"):
+    models.parse_depths('1-x')
+
+
 def test_named_and_listed_depths_agree():
   assert models.resolve_depth('resnet44', 'resnet56') == (7, 7, 7)
   assert models.resolve_depth([7, 7, 7], 'resnet56') == (7, 7, 7)
