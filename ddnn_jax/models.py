@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Depth = tuple[int, ...]
@@ -181,8 +182,25 @@ class Bottleneck(nn.Module):
     return nn.relu(x + y)
 
 
+class VGGBlock(nn.Module):
+  """3x3 conv, BatchNorm, ReLU: one block of a VGG-BN stage."""
+  filters: int
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = _conv(self.filters, 3, name='conv', dtype=self.dtype)(x)
+    return nn.relu(self.norm(name='bn')(x))
+
+
 class DDNN(nn.Module):
   """A depth-level dynamic network of any family in ``ARCHS``.
+
+  ``__call__`` runs one depth. ``train_forward`` runs several depths on one batch in
+  train mode over a shared trunk: a sub-net computes exactly what the full net
+  computes up to the first block it skips, so every shared prefix of blocks is run
+  once and branched (and differentiated once).
 
   Attributes:
     arch: name of the full net, e.g. 'resnet56', 'resnet50', 'vgg16'.
@@ -190,12 +208,14 @@ class DDNN(nn.Module):
     width: channels of the first stage (None: the family's standard width).
     dtype: compute dtype (bfloat16 for mixed precision); parameters stay float32.
     bn_momentum: running-average decay of the BatchNorm statistics.
+    remat: recompute each block's activations in the backward pass (less memory).
   """
   arch: str
   num_classes: int
   width: int | None = None
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
+  remat: bool = False
 
   @property
   def spec(self) -> ArchSpec:
@@ -205,52 +225,132 @@ class DDNN(nn.Module):
   def stage_sizes(self) -> Depth:
     return self.spec.stage_sizes
 
-  @nn.compact
   def __call__(self, x, depth: Sequence[int] | None = None, train: bool = True):
+    """``(logits, features)`` of one depth; ``features`` holds each stage's output map.
+
+    In train mode BatchNorm normalises with batch statistics and updates its running
+    averages (pass ``mutable=['batch_stats']``); in eval mode it uses them.
+    """
+    depth = self.stage_sizes if depth is None else check_depth(depth, self.stage_sizes, self.arch)
+    outputs, _ = self._forward(x, (depth,), train=train, batch_moments=False)
+    return outputs[0]
+
+  def train_forward(self, x, depths: Sequence[Depth], running_stats: Sequence[Any]):
+    """Every depth of ``depths`` in train mode on one batch, the shared trunk computed once.
+
+    Args:
+      x: the batch.
+      depths: validated depth configurations.
+      running_stats: each depth's BatchNorm running averages (its 'batch_stats').
+
+    Returns:
+      ``(outputs, new_stats)``: per depth ``(logits, features)`` as ``__call__`` gives
+      them, and its running averages updated with the batch moments of the modules it
+      ran, as flax's BatchNorm updates them. Apply with ``mutable=['batch_stats']`` and
+      no 'batch_stats' in the variables: that collection is only scratch space here.
+    """
+    if len(running_stats) != len(depths):
+      raise ValueError(f'{len(running_stats)} sets of running statistics for {len(depths)} depths')
+    outputs, moments = self._forward(x, tuple(depths), train=True, batch_moments=True)
+    m = self.bn_momentum
+    new_stats = tuple(
+        jax.tree.map(lambda old, new: m * old + (1 - m) * new, old_stats, {
+            name: moments[d][name] for name in old_stats})
+        for d, old_stats in enumerate(running_stats))
+    return outputs, new_stats
+
+  @nn.compact
+  def _forward(self, x, depths: tuple[Depth, ...], train: bool, batch_moments: bool):
+    """Walks ``depths`` as a prefix tree: each block runs once per distinct input.
+
+    With ``batch_moments``, BatchNorm runs with momentum 0, so right after each call
+    its 'batch_stats' hold exactly that call's batch mean and variance; they are
+    copied to every depth the call served. Returns per-depth outputs and moments
+    ({top-level module name: its BatchNorm moments}).
+    """
     spec = self.spec
-    depth = spec.stage_sizes if depth is None else check_depth(depth, spec.stage_sizes, self.arch)
     width = self.width or DEFAULT_WIDTH[spec.family]
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
-    x = x.astype(self.dtype)
-    features = []
+                             momentum=0.0 if batch_moments else self.bn_momentum, epsilon=1e-5,
+                             dtype=self.dtype)
+    moments: list[dict[str, Any]] = [{} for _ in depths]
 
+    def run(module, x, served):
+      y = module(x)
+      if batch_moments and 'batch_stats' in module.variables:
+        # A snapshot: the module's variables are overwritten by its next call.
+        snapshot = jax.tree.map(lambda a: a, module.variables['batch_stats'])
+        for d in served:
+          moments[d][module.name] = snapshot
+      return y
+
+    everyone = range(len(depths))
+    x = x.astype(self.dtype)
     if spec.family == 'vgg':
-      for s, n in enumerate(depth):
-        filters = min(width * 2**s, width * 8)  # 64, 128, 256, 512, 512
-        for b in range(n):
-          x = _conv(filters, 3, name=f'stage{s}_block{b}_conv', dtype=self.dtype)(x)
-          x = nn.relu(norm(name=f'stage{s}_block{b}_bn')(x))
-        features.append(x)
-        # 'SAME' keeps odd sizes (28x28 inputs) alive through all five pools.
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+      block_cls: Any = VGGBlock
     else:
       if spec.family == 'cifar_resnet':
-        block_cls: Any = functools.partial(BasicBlock, zero_pad_shortcut=True)
+        block_cls = functools.partial(BasicBlock, zero_pad_shortcut=True)
         x = _conv(width, 3, name='stem_conv', dtype=self.dtype)(x)
-        x = nn.relu(norm(name='stem_bn')(x))
       else:
         block_cls = BasicBlock if spec.family == 'resnet_basic' else Bottleneck
         x = _conv(width, 7, 2, name='stem_conv', dtype=self.dtype)(x)
-        x = nn.relu(norm(name='stem_bn')(x))
+      x = nn.relu(run(norm(name='stem_bn'), x, everyone))
+      if spec.family != 'cifar_resnet':
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-      for s, n in enumerate(depth):
-        for b in range(n):
-          strides = 2 if s > 0 and b == 0 else 1
-          x = block_cls(width * 2**s, strides, norm=norm, dtype=self.dtype,
-                        name=f'stage{s}_block{b}')(x)
-        features.append(x)
+    if self.remat:
+      block_cls = nn.remat(block_cls)
 
-    x = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-    return logits.astype(jnp.float32), tuple(f.astype(jnp.float32) for f in features)
+    blocks: dict[tuple[int, int], nn.Module] = {}
+
+    def block(s, b):
+      if (s, b) not in blocks:
+        if spec.family == 'vgg':
+          blocks[s, b] = block_cls(min(width * 2**s, width * 8), norm=norm, dtype=self.dtype,
+                                   name=f'stage{s}_block{b}')  # 64, 128, 256, 512, 512
+        else:
+          blocks[s, b] = block_cls(width * 2**s, 2 if s > 0 and b == 0 else 1, norm=norm,
+                                   dtype=self.dtype, name=f'stage{s}_block{b}')
+      return blocks[s, b]
+
+    features: list[list[Any]] = [[] for _ in depths]
+    groups = [(x, tuple(everyone))]  # (input, the depths that share it)
+    for s in range(len(spec.stage_sizes)):
+      next_groups = []
+      for x, members in groups:
+        done = 0
+        for count in sorted({depths[d][s] for d in members}):
+          for b in range(done, count):
+            x = run(block(s, b), x, [d for d in members if depths[d][s] > b])
+          done = count
+          leaving = tuple(d for d in members if depths[d][s] == count)
+          for d in leaving:
+            features[d].append(x)
+          if spec.family == 'vgg':
+            # 'SAME' keeps odd sizes (28x28 inputs) alive through all five pools.
+            next_groups.append((nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME'), leaving))
+          else:
+            next_groups.append((x, leaving))
+      groups = next_groups
+
+    head = nn.Dense(self.num_classes, dtype=self.dtype, name='head')
+    # Outputs in float32 at least: the loss of a bfloat16 net is computed in float32.
+    out_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    logits: list[Any] = [None] * len(depths)
+    for x, members in groups:
+      z = head(jnp.mean(x, axis=(1, 2))).astype(out_dtype)
+      for d in members:
+        logits[d] = z
+    outputs = tuple((logits[d], tuple(f.astype(out_dtype) for f in features[d]))
+                    for d in everyone)
+    return outputs, moments
 
 
 def create_model(arch: str, num_classes: int, *, width: int | None = None,
-                 dtype: Any = jnp.float32, bn_momentum: float = 0.9) -> DDNN:
+                 dtype: Any = jnp.float32, bn_momentum: float = 0.9, remat: bool = False) -> DDNN:
   arch_spec(arch)  # Fail early on unknown names.
   return DDNN(arch=arch.lower(), num_classes=num_classes, width=width, dtype=dtype,
-              bn_momentum=bn_momentum)
+              bn_momentum=bn_momentum, remat=remat)
 
 
 def depth_set(arch: str, subnets: Sequence[DepthSpec] = ()) -> tuple[Depth, ...]:

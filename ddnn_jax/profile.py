@@ -26,8 +26,8 @@ class SubnetProfile:
   flops: int  # Multiply-adds of one forward pass of one image.
 
 
-def _count_macs(model: nn.Module, variables, image: jax.ShapeDtypeStruct,
-                depth: models.Depth) -> int:
+def _count_macs(fn, *args) -> int:
+  """Multiply-adds of every ``nn.Conv``/``nn.Dense`` call made while tracing ``fn(*args)``."""
   macs = 0
 
   def interceptor(next_fun, args, kwargs, context):
@@ -44,7 +44,7 @@ def _count_macs(model: nn.Module, variables, image: jax.ShapeDtypeStruct,
     return out
 
   with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda v, x: model.apply(v, x, depth=depth, train=False), variables, image)
+    jax.eval_shape(fn, *args)
   return macs
 
 
@@ -60,8 +60,28 @@ def profile_subnet(model: models.DDNN, input_shape: Sequence[int],
   image = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   variables = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, depth=depth, train=False), image)
-  return SubnetProfile(depth=depth, params=count_params(variables['params']),
-                       flops=_count_macs(model, variables, image, depth))
+  flops = _count_macs(lambda v, x: model.apply(v, x, depth=depth, train=False), variables, image)
+  return SubnetProfile(depth=depth, params=count_params(variables['params']), flops=flops)
+
+
+def shared_trunk_flops(model: models.DDNN, input_shape: Sequence[int],
+                       depths: Sequence[models.Depth]) -> int:
+  """Multiply-adds of one image through all ``depths`` at once, shared prefixes counted once.
+
+  What a training step's forward pass costs (``DDNN.train_forward``); compare with the
+  sum of the depths' own FLOPs.
+  """
+  image = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  def variables(depth=None):
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, depth=depth, train=False),
+                          image)
+
+  params = variables()['params']
+  stats = [variables(d)['batch_stats'] for d in depths]
+  return _count_macs(
+      lambda p, s, x: model.apply({'params': p}, x, tuple(depths), s,
+                                  method=models.DDNN.train_forward, mutable=['batch_stats']),
+      params, stats, image)
 
 
 def format_profile_table(arch: str, profiles: Sequence[SubnetProfile]) -> str:

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from ddnn_jax import losses, models
+from ddnn_jax import losses, models, parallel
 
 
 class TrainState(train_state.TrainState):
@@ -56,51 +56,76 @@ def create_train_state(rng: jax.Array, model: models.DDNN, depths: Sequence[mode
                            batch_stats=batch_stats)
 
 
-def _forward(state: TrainState, params, images, depths, train: bool, need_attention: bool):
-  """Runs every depth; returns stacked logits [D,B,C], attention maps per stage, new stats."""
-  logits, attention, new_stats = [], [], {}
-  for depth in depths:
-    key = models.depth_name(depth)
-    variables = {'params': params, 'batch_stats': state.batch_stats[key]}
-    if train:
-      (z, features), mutated = state.apply_fn(variables, images, depth=depth, train=True,
-                                              mutable=['batch_stats'])
-      new_stats[key] = mutated['batch_stats']
-    else:
-      z, features = state.apply_fn(variables, images, depth=depth, train=False)
-    logits.append(z)
-    # Only the small [B, H*W] maps are kept, not the feature maps themselves.
-    if need_attention:
-      attention.append([losses.attention_map(f) for f in features])
-  attention = tuple(jnp.stack(a) for a in zip(*attention))
-  return jnp.stack(logits), attention, new_stats
+def _attention(features_per_depth, need_attention: bool):
+  """Attention maps per stage, stacked over depths: [D, B, H*W] each (or () if unused)."""
+  if not need_attention:
+    return ()
+  # Only the small [B, H*W] maps are kept, not the feature maps themselves.
+  maps = [[losses.attention_map(f) for f in features] for features in features_per_depth]
+  return tuple(jnp.stack(per_stage) for per_stage in zip(*maps))
+
+
+def _train_forward(state: TrainState, params, images, depths, need_attention: bool,
+                   shared_trunk: bool):
+  """Every depth in train mode: stacked logits [D,B,C], attention maps, new BN statistics.
+
+  ``shared_trunk`` runs the depths as one prefix tree (``DDNN.train_forward``); without
+  it each depth is its own forward pass (the reference the shared trunk must equal).
+  """
+  names = [models.depth_name(d) for d in depths]
+  if shared_trunk:
+    (outputs, new_stats), _ = state.apply_fn(
+        {'params': params}, images, depths, [state.batch_stats[n] for n in names],
+        method=models.DDNN.train_forward, mutable=['batch_stats'])
+  else:
+    outputs, new_stats = [], []
+    for depth, name in zip(depths, names):
+      out, mutated = state.apply_fn({'params': params, 'batch_stats': state.batch_stats[name]},
+                                    images, depth=depth, train=True, mutable=['batch_stats'])
+      outputs.append(out)
+      new_stats.append(mutated['batch_stats'])
+  logits = jnp.stack([z for z, _ in outputs])
+  attention = _attention([features for _, features in outputs], need_attention)
+  return logits, attention, dict(zip(names, new_stats))
 
 
 def _accuracy(logits, labels):
   return jnp.mean(jnp.argmax(logits, -1) == labels, axis=-1)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *,
-               depths: tuple[models.Depth, ...], mode: str,
-               weights: LossWeights = LossWeights()) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on every depth in ``depths`` (full net first).
+def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *,
+                   depths: tuple[models.Depth, ...], mode: str,
+                   weights: LossWeights = LossWeights(), shared_trunk: bool = True):
+  """The objective of ``mode`` on ``batch`` and its gradient with respect to the parameters.
 
-  Returns the new state and metrics: scalar ``loss``, and per depth (arrays of
-  length D, in the order of ``depths``) ``ce`` and ``accuracy``.
+  Returns ``((loss, aux), grads)``; ``aux`` holds the stacked ``logits`` [D, B, C], the
+  loss ``parts`` (``losses.ddnn_objective``) and every depth's new ``batch_stats``.
   """
   images, labels = batch['image'], batch['label']
   need_attention = losses.uses_attention(mode, weights.alpha)
 
   def loss_fn(params):
-    logits, attention, new_stats = _forward(state, params, images, depths, True, need_attention)
+    logits, attention, new_stats = _train_forward(state, params, images, depths, need_attention,
+                                                  shared_trunk)
     loss, parts = losses.ddnn_objective(mode, logits, attention, labels, w=weights.w,
                                         alpha=weights.alpha, temperature=weights.temperature)
-    return loss, (logits, parts, new_stats)
+    return loss, {'logits': logits, 'parts': parts, 'batch_stats': new_stats}
 
-  (loss, (logits, parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=new_stats)
-  metrics = {'loss': loss, 'accuracy': _accuracy(logits, labels), **parts}
+  return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               depths: tuple[models.Depth, ...], mode: str, weights: LossWeights = LossWeights(),
+               shared_trunk: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on every depth in ``depths`` (full net first).
+
+  Returns the new state and metrics: scalar ``loss``, and per depth (arrays of
+  length D, in the order of ``depths``) ``ce`` and ``accuracy``.
+  """
+  (loss, aux), grads = loss_and_grads(state, batch, depths=depths, mode=mode, weights=weights,
+                                      shared_trunk=shared_trunk)
+  state = state.apply_gradients(grads=grads, batch_stats=aux['batch_stats'])
+  metrics = {'loss': loss, 'accuracy': _accuracy(aux['logits'], batch['label']), **aux['parts']}
   return state, metrics
 
 
@@ -112,7 +137,9 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
   """
   images, labels = batch['image'], batch['label']
   mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
-  logits, _, _ = _forward(state, state.params, images, depths, False, False)
+  logits = jnp.stack([
+      state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats[
+          models.depth_name(depth)]}, images, depth=depth, train=False)[0] for depth in depths])
   log_probs = jax.nn.log_softmax(logits)
   ce = -jnp.take_along_axis(log_probs, labels[None, :, None], axis=-1)[..., 0]
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
@@ -120,8 +147,29 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
           'count': jnp.sum(mask)}
 
 
+def trace_guard(fn: Callable[..., Any], max_traces: int, what: str) -> Callable[..., Any]:
+  """``fn``, raising AssertionError once jax traces it more than ``max_traces`` times.
+
+  Wrap before ``jax.jit``: the body runs only while jax traces, so each run is one
+  (re)compilation. The count belongs to this wrapper. (``chex.assert_max_traces``
+  keys its count by the call site, so every closure made at one place would share it.)
+  """
+  traces = 0
+
+  @functools.wraps(fn)
+  def guarded(*args, **kwargs):
+    nonlocal traces
+    traces += 1
+    if traces > max_traces:
+      raise AssertionError(f'{what} traced {traces} times (max {max_traces}): inputs changed '
+                           'shape, dtype or sharding')
+    return fn(*args, **kwargs)
+
+  return guarded
+
+
 def jit_steps(depths: tuple[models.Depth, ...], mode: str, weights: LossWeights = LossWeights(),
-              mesh: Mesh | None = None, max_traces: int | None = None):
+              mesh: Mesh | None = None, max_traces: int | None = None, shared_trunk: bool = True):
   """Jitted (train_step, eval_step) for one depth set.
 
   With a ``mesh`` the batch is sharded over its 'data' axis and the state is
@@ -132,22 +180,18 @@ def jit_steps(depths: tuple[models.Depth, ...], mode: str, weights: LossWeights 
   """
   losses.check_mode(mode, len(depths) - 1)
 
-  traces = 0
-
   def train(state, batch):
-    # Runs only while jax traces: counts compilations of this depth set's step.
-    nonlocal traces
-    traces += 1
-    if max_traces is not None and traces > max_traces:
-      raise AssertionError(f'train step for depths {depths} traced {traces} times '
-                           f'(max {max_traces}): inputs changed shape, dtype or sharding')
-    return train_step(state, batch, depths=depths, mode=mode, weights=weights)
+    return train_step(state, batch, depths=depths, mode=mode, weights=weights,
+                      shared_trunk=shared_trunk)
 
   def evaluate(state, batch):
     return eval_step(state, batch, depths=depths)
 
+  if max_traces is not None:
+    train = trace_guard(train, max_traces, f'train step for depths {depths}')
   kwargs = {}
   if mesh is not None:
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-    kwargs = dict(in_shardings=(replicated, sharded), out_shardings=replicated)
+    replicated = parallel.replicated_sharding(mesh)
+    kwargs = dict(in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                  out_shardings=replicated)
   return (jax.jit(train, donate_argnums=0, **kwargs), jax.jit(evaluate, **kwargs))

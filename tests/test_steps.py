@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import models, steps
+from ddnn_jax import models, profile, steps
 
 ARCH, SUBNETS, IMAGE = 'resnet20', [(1, 1, 1), (2, 2, 2)], (8, 8, 3)
 NUM_CLASSES = 4
@@ -132,3 +132,86 @@ def test_bfloat16_mixed_precision_trains():
       lambda p: p.astype(jnp.float32), state.params))
   chex.assert_type(metrics['loss'], jnp.float32)
   assert np.all(np.asarray(metrics['ce']) < 0.5 * np.asarray(first)), (first, metrics['ce'])
+
+
+def _assert_close_to_scale(actual, expected, tol=1e-5):
+  """Every leaf within ``tol`` of the expected one, relative to the leaf's largest value.
+
+  Summing the depths' cotangents once at a branch point instead of per depth reorders
+  float32 additions; the differences are rounding, of the size of the leaf times eps.
+  """
+  chex.assert_trees_all_equal_shapes_and_dtypes(actual, expected)
+  for path, a, b in zip(*zip(*jax.tree_util.tree_leaves_with_path(actual)),
+                        jax.tree.leaves(expected), strict=True):
+    scale = max(1.0, float(np.max(np.abs(b))))
+    error = float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    assert error <= tol * scale, (jax.tree_util.keystr(path), error, scale)
+
+
+@pytest.mark.parametrize('arch,subnets,mode,image,width,dtype', [
+    *[('resnet20', [(2, 2, 2), (1, 1, 1)], mode, (8, 8, 3), 4, 'float32')
+      for mode in ('ddnn', 'ekd', 'ipkd', 'ipkd_ta')],
+    ('resnet20', [(1, 2, 1)], 'individual', (8, 8, 3), 4, 'float32'),
+    # Branches inside stage 0 and regroups: [1,3,2] and [1,1,3] share stage 0.
+    ('resnet20', [(1, 3, 2), (3, 1, 1), (1, 1, 3)], 'ekd', (8, 8, 3), 4, 'float32'),
+    ('vgg16', ['vgg13', 'vgg11'], 'ekd', (16, 16, 3), 4, 'float32'),
+    # ImageNet ResNets take half a minute each to compile here.
+    pytest.param('resnet34', ['resnet18'], 'ekd', (32, 32, 3), 4, 'float32',
+                 marks=pytest.mark.slow),
+    pytest.param('resnet50', [(3, 4, 4, 3), (3, 3, 3, 3)], 'ekd', (32, 32, 3), 8, 'float32',
+                 marks=pytest.mark.slow),
+    # In float64 the two orders of summation agree to rounding (1e-16): the same function.
+    pytest.param('resnet50', [(3, 4, 4, 3), (3, 3, 3, 3)], 'ekd', (32, 32, 3), 4, 'float64',
+                 marks=pytest.mark.slow),
+])
+def test_shared_trunk_equals_a_forward_per_depth(arch, subnets, mode, image, width, dtype):
+  with jax.enable_x64(dtype == 'float64'):
+    model = models.create_model(arch, 5, width=width, dtype=jnp.dtype(dtype))
+    if mode == 'individual':
+      depths = (models.resolve_depth(subnets[0], arch),)
+    else:
+      depths = models.depth_set(arch, subnets)
+    state = steps.create_train_state(jax.random.key(0), model, depths,
+                                     optax.sgd(0.1, momentum=0.9), image)
+    state = state.replace(params=jax.tree.map(lambda a: a.astype(dtype), state.params),
+                          batch_stats=jax.tree.map(lambda a: a.astype(dtype), state.batch_stats))
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.normal(size=(16, *image)).astype(dtype),
+             'label': rng.integers(0, 5, 16).astype(np.int32)}
+    shared, per_depth = [jax.jit(lambda s, b, shared=shared: steps.loss_and_grads(
+        s, b, depths=depths, mode=mode, weights=steps.LossWeights(alpha=100.0),
+        shared_trunk=shared))(state, batch) for shared in (True, False)]
+  # The new statistics of every depth, the logits, the loss and its parts, the gradient.
+  chex.assert_trees_all_equal_structs(shared, per_depth)
+  _assert_close_to_scale(shared, per_depth, tol=1e-5 if dtype == 'float32' else 1e-12)
+  assert set(shared[0][1]['batch_stats']) == {models.depth_name(d) for d in depths}
+  # The statistics moved: comparing untouched initial statistics would pass trivially.
+  for name, new in shared[0][1]['batch_stats'].items():
+    old = jax.tree.leaves(state.batch_stats[name])
+    assert len(old) == len(jax.tree.leaves(new))
+    assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), old)), name
+
+
+def test_shared_trunk_step_costs_what_its_blocks_predict():
+  """The compiled EKD step of ResNet-20 + [2,2,2] + [1,1,1] against its three depths alone.
+
+  Counting each depth's unshared blocks predicts the forward cost ratio (0.79 at 8x8); the
+  compiled step (forward and backward, per XLA's cost analysis) must come within 0.03.
+  Without the shared trunk, it costs 0.91 (XLA merges part of the forward only).
+  """
+  model = models.create_model(ARCH, NUM_CLASSES, width=4)
+  depths = models.depth_set(ARCH, SUBNETS)
+
+  def step_flops(depths, mode):
+    state = jax.eval_shape(lambda: steps.create_train_state(
+        jax.random.key(0), model, depths, optax.sgd(0.1, momentum=0.9), IMAGE))
+    batch = {'image': jax.ShapeDtypeStruct((8, *IMAGE), jnp.float32),
+             'label': jax.ShapeDtypeStruct((8,), jnp.int32)}
+    train, _ = steps.jit_steps(depths, mode)
+    return train.lower(state, batch).compile().cost_analysis()['flops']
+
+  measured = step_flops(depths, 'ekd') / sum(step_flops((d,), 'individual') for d in depths)
+  predicted = profile.shared_trunk_flops(model, IMAGE, depths) / sum(
+      profile.profile_subnet(model, IMAGE, d).flops for d in depths)
+  assert 0.7 < predicted < 0.85, predicted
+  assert abs(measured - predicted) < 0.03, (measured, predicted)
