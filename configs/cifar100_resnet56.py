@@ -1,9 +1,7 @@
-"""CIFAR-100, ResNet-56 full net with ResNet-44 and ResNet-32 sub-nets."""
+"""Alias of ``configs/cifar100.py:r56_r44_r32``: ResNet-56 with ResNet-44 and ResNet-32 (Table 1)."""
 
-from configs import cifar10_resnet56
+from configs import cifar100
 
 
 def get_config():
-  config = cifar10_resnet56.get_config()
-  config.data.dataset = 'cifar100'
-  return config
+  return cifar100.get_config('r56_r44_r32')

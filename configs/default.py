@@ -1,49 +1,64 @@
 """The offline default: CIFAR-style ResNet-20 DDNN on Fashion-MNIST, trained with EKD.
 
 Every other config is a small override of this one. Any field can be changed from
-the command line, e.g. ``--config.train.num_epochs=1 --config.mode=ddnn``.
+the command line, e.g. ``--config.train.num_epochs=1 --config.mode=ddnn``. Every field
+is checked before a run starts (``ddnn_jax/config_lib.py`` lists what each allows).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # individual | ddnn | ekd | ipkd | ipkd_ta (see ddnn_jax/losses.py). 'individual' trains
-  # one depth alone: the full net if model.subnets is (), else its single sub-net.
+  # individual | ddnn | ekd | ekd_no_ensemble | ipkd | ipkd_ta (ddnn_jax/losses.py).
+  # 'individual' trains one depth alone: the full net if model.subnets is (), else its
+  # single sub-net.
   config.mode = 'ekd'
+  # A workdir whose latest parameters start this run (its optimizer state, step and BN
+  # statistics are not taken): re-selected sub-nets trained on from a finished run.
+  config.init_from = config_dict.placeholder(str)
 
   config.model = ml_collections.ConfigDict()
   config.model.arch = 'resnet20'  # The full net.
   # Sub-nets: block counts per stage or named depths of the same family, e.g. ('resnet32',).
   config.model.subnets = ((1, 1, 1), (2, 2, 2))
-  config.model.width = 0  # Channels of the first stage; 0 = the family's standard width.
+  config.model.width = config_dict.placeholder(int)  # First-stage channels; None: standard.
   config.model.dtype = 'float32'  # 'bfloat16' = mixed precision (float32 parameters).
   config.model.bn_momentum = 0.9
+  config.model.remat = False  # Recompute block activations in the backward pass (memory).
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.w = 1.0  # KL distillation weight.
+  # KL and attention-MSE weights: one value, or a tuple with one per sub-net (Eq. 7's w_k).
+  config.loss.w = config_dict.FieldReference(1.0, field_type=object)
   # Attention maps are unit-norm over H*W, so their MSE is O(1e-3): alpha is large.
-  config.loss.alpha = 100.0
+  config.loss.alpha = config_dict.FieldReference(100.0, field_type=object)
   config.loss.temperature = 1.0
+  # Stages whose attention maps are distilled; None: all (the MSE is summed over them).
+  config.loss.attention_stages = config_dict.placeholder(tuple)
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'fashion_mnist'  # fashion_mnist | cifar10 | cifar100 | imagenet2012
-  config.data.data_dir = ''  # tfds data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  # tfds data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  config.data.data_dir = config_dict.placeholder(str)
   # Raw files prepared automatically when the dataset is missing (Debian dataset-fashion-mnist).
   config.data.source_dir = '/usr/share/datasets/fashion-mnist'
-  config.data.image_size = 0  # ImageNet crop size; 0 = the dataset's own size.
-  config.data.train_subset = 0  # >0: train on the first N examples only (short runs).
-  config.data.eval_subset = 0
+  config.data.image_size = config_dict.placeholder(int)  # ImageNet crop; None: 224.
+  config.data.train_subset = config_dict.placeholder(int)  # Train on the first N only.
+  config.data.eval_subset = config_dict.placeholder(int)
+  # A fixed, seeded slice of the train split held out from training: the 'validation'
+  # split of `python -m ddnn_jax.evaluate` and `search` (the test split is for reporting).
+  config.data.validation_examples = 5000
   config.data.num_workers = 0  # grain worker processes for the train pipeline.
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # Global, over all devices and hosts.
   config.train.eval_batch_size = 512
   config.train.num_epochs = 30
+  config.train.eval_every_epochs = 1
   config.train.log_every_steps = 50
-  config.train.checkpoint_every_steps = 500  # Also saved at the end of every epoch.
+  config.train.checkpoint_every_steps = 500  # Also saved at every evaluation.
   config.train.keep_checkpoints = 2  # Latest ones kept, plus the best by mean eval accuracy.
 
   config.optim = ml_collections.ConfigDict()

@@ -1,10 +1,7 @@
-"""ImageNet, ResNet-34 full net with a ResNet-18 sub-net."""
+"""Alias of ``configs/imagenet.py:r34_r18[,HARDWARE]``: ResNet-34 with a ResNet-18 sub-net."""
 
-from configs import imagenet_r50
+from configs import imagenet
 
 
 def get_config(hardware: str = ''):
-  config = imagenet_r50.get_config(hardware)
-  config.model.arch = 'resnet34'
-  config.model.subnets = ('resnet18',)
-  return config
+  return imagenet.get_config('r34_r18' + (f',{hardware}' if hardware else ''))

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import prepare
+from ddnn_jax import datasets, prepare
 
 Batch = dict[str, np.ndarray]
 
@@ -44,31 +44,6 @@ class DatasetInfo:
   num_eval: int
 
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  num_classes: int
-  image_size: int  # native size, or the default crop size for ImageNet
-  channels: int
-  eval_split: str
-  mean: tuple[float, ...]  # per channel, of pixel values in [0, 1]
-  std: tuple[float, ...]
-  pad: int  # train: zero-pad by this and random-crop back (fixed-size images)
-  # Variable-size images: random-resized crop (train), center crop (eval).
-  resize: bool = False
-
-
-_SPECS = {
-    # Mean/std over the train split.
-    'fashion_mnist': _Spec(10, 28, 1, 'test', (0.2860,), (0.3530,), pad=2),
-    'cifar10': _Spec(10, 32, 3, 'test', (0.4914, 0.4822, 0.4465),
-                     (0.2470, 0.2435, 0.2616), pad=4),
-    'cifar100': _Spec(100, 32, 3, 'test', (0.5071, 0.4865, 0.4409),
-                      (0.2673, 0.2564, 0.2762), pad=4),
-    'imagenet2012': _Spec(1000, 224, 3, 'validation', (0.485, 0.456, 0.406),
-                          (0.229, 0.224, 0.225), pad=0, resize=True),
-}
-DATASETS: tuple[str, ...] = tuple(_SPECS)
-
 _RRC_SCALE = (0.08, 1.0)  # random-resized crop: area fraction and aspect ratio
 _RRC_RATIO = (3 / 4, 4 / 3)
 _RRC_ATTEMPTS = 10
@@ -76,13 +51,6 @@ _EVAL_CROP_FRACTION = 0.875  # ImageNet eval: 224 center crop of the 256 resize
 
 
 # ------------------------------------------------------------ data sources
-
-
-def _spec(name: str) -> _Spec:
-  if name not in _SPECS:
-    raise ValueError(f"unknown dataset '{name}'; choose one of "
-                     f"{', '.join(DATASETS)}")
-  return _SPECS[name]
 
 
 def _resolve_data_dir(data_dir: str | None) -> str:
@@ -125,7 +93,7 @@ def _data_source(name: str, split: str, data_dir: str | None):
     raise DataError(_how_to_prepare(name, data_dir)) from e
 
 
-def _image_size(spec: _Spec, name: str, image_size: int | None) -> int:
+def _image_size(spec: datasets.DatasetSpec, name: str, image_size: int | None) -> int:
   if image_size is None or image_size == spec.image_size or spec.resize:
     return image_size or spec.image_size
   raise ValueError(f'{name} images are {spec.image_size}px; image_size only '
@@ -139,7 +107,7 @@ def ensure_prepared(name: str, data_dir: str | None,
   Datasets that ddnn_jax.prepare handles are prepared automatically when
   source_dir holds their original files (e.g. the Debian Fashion-MNIST).
   """
-  _spec(name)
+  datasets.get(name)
   data_dir = _resolve_data_dir(data_dir)
   try:
     _data_source(name, 'train', data_dir)  # readable (also under mock_data)
@@ -158,11 +126,11 @@ def ensure_prepared(name: str, data_dir: str | None,
 
 def get_dataset_info(name: str, data_dir: str | None,
                      image_size: int | None = None) -> DatasetInfo:
-  spec = _spec(name)
+  spec = datasets.get(name)
   size = _image_size(spec, name, image_size)
   return DatasetInfo(
       name=name, num_classes=spec.num_classes,
-      image_shape=(size, size, spec.channels),
+      image_shape=(size, size, spec.image_shape[2]),
       num_train=len(_data_source(name, 'train', data_dir)),
       num_eval=len(_data_source(name, spec.eval_split, data_dir)))
 
@@ -170,7 +138,7 @@ def get_dataset_info(name: str, data_dir: str | None,
 # ------------------------------------------------------------ preprocessing
 
 
-def _normalize(images: np.ndarray, spec: _Spec) -> np.ndarray:
+def _normalize(images: np.ndarray, spec: datasets.DatasetSpec) -> np.ndarray:
   """uint8 -> float32 with the dataset's per-channel mean 0 and std 1."""
   std = np.asarray(spec.std, np.float32)
   scale = 1 / (255 * std)
@@ -250,7 +218,7 @@ class _Loader:
   """Reads examples by index."""
   source: Sequence[dict]
   batched_read: bool
-  spec: _Spec
+  spec: datasets.DatasetSpec
   size: int
 
   def read(self, ids: np.ndarray) -> list[dict]:
@@ -294,19 +262,19 @@ class _TrainBatch(_Loader):
 
 @dataclasses.dataclass(frozen=True)
 class _EvalBatch(_Loader):
-  """Global batch number -> local batch, padded past the split's end."""
-  num_examples: int
+  """Global batch number -> local batch of the examples ``ids``, padded past their end."""
+  ids: np.ndarray
   process_index: int
   local_batch: int
   global_batch: int
 
   def __call__(self, batch: int) -> Batch:
     start = batch * self.global_batch + self.process_index * self.local_batch
-    ids = np.arange(start, min(start + self.local_batch, self.num_examples))
+    ids = self.ids[start:start + self.local_batch]
     examples = self.read(ids)
     # Padding rows stay black images with label 0 and mask 0.
     images = np.zeros((self.local_batch, self.size, self.size,
-                       self.spec.channels), np.uint8)
+                       self.spec.image_shape[2]), np.uint8)
     labels = np.zeros(self.local_batch, np.int32)
     mask = np.zeros(self.local_batch, np.float32)
     for i, ex in enumerate(examples):
@@ -338,10 +306,11 @@ def _to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDatase
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=threads, prefetch_buffer_size=2 * threads))
   if num_workers > 0:
-    # grain 0.2 mp_prefetch reads an absl flag and fails outside an absl app
-    # unless flags count as parsed (their defaults are then used).
     if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+      # grain's worker processes read absl flags: say so, not UnparsedFlagAccessError.
+      raise ValueError('num_workers > 0 needs parsed absl flags, as in an absl app '
+                       '(python -m ddnn_jax.main); elsewhere call '
+                       'absl.flags.FLAGS.mark_as_parsed() first')
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers))
   return it_ds
@@ -353,29 +322,58 @@ def _shuffle_seed(seed: int) -> int:
   return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
+# Held-out validation examples are drawn with this seed, not the run's: every run of a
+# dataset holds out the same examples, so runs with different seeds compare fairly.
+_VALIDATION_SEED = 20210301
+
+
+def split_train(num_train: int, validation_examples: int) -> tuple[np.ndarray, np.ndarray]:
+  """(training ids, validation ids) of the train split, each sorted.
+
+  The validation ids are a fixed random sample of ``validation_examples`` (the same for
+  every run and seed); training uses the rest. With 0, training uses every example.
+  """
+  if not 0 <= validation_examples < num_train:
+    raise ValueError(f'validation_examples={validation_examples} must be in [0, {num_train})')
+  held = np.random.default_rng(_VALIDATION_SEED).permutation(num_train)[:validation_examples]
+  held = np.sort(held)
+  return np.setdiff1d(np.arange(num_train), held, assume_unique=True), held
+
+
+def num_train_examples(info: DatasetInfo, subset: int | None,
+                       validation_examples: int) -> int:
+  """How many examples a run trains on: the first ``subset`` of those not held out."""
+  available = info.num_train - validation_examples
+  return min(subset, available) if subset else available
+
+
 def create_train_iterator(
     name: str, data_dir: str | None, *, global_batch_size: int, seed: int,
     process_index: int = 0, process_count: int = 1,
     image_size: int | None = None, num_workers: int = 0,
-    subset: int = 0) -> grain.DatasetIterator:
+    subset: int | None = None, validation_examples: int = 0) -> grain.DatasetIterator:
   """Infinite iterator of augmented train batches of this process.
 
   Yields dict(image=float32 [local, H, W, C], label=int32 [local]), with
   local = global_batch_size // process_count. Each epoch is reshuffled and
   its last partial global batch dropped. `it.get_state()` is a small
   JSON-serialisable dict; `it.set_state(s)` on a new iterator resumes there.
-  subset > 0 uses only the first `subset` train examples.
+  Training uses the train split minus ``validation_examples`` held out
+  (``split_train``); subset > 0 uses only the first `subset` of those.
   """
-  spec = _spec(name)
+  spec = datasets.get(name)
   size = _image_size(spec, name, image_size)
   local = _local_batch_size(global_batch_size, process_index, process_count)
   source = _data_source(name, 'train', data_dir)
-  num_examples = min(subset, len(source)) if subset else len(source)
-  if num_examples < global_batch_size:
-    raise ValueError(f'{name} train has {num_examples} examples, fewer than '
+  ids, _ = split_train(len(source), validation_examples)
+  if subset:
+    ids = ids[:subset]
+  if len(ids) < global_batch_size:
+    raise ValueError(f'{name} train has {len(ids)} examples, fewer than '
                      f'global_batch_size={global_batch_size}')
-  ds = (grain.MapDataset.range(num_examples)
+  ds = (grain.MapDataset.range(len(ids))
         .shuffle(seed=_shuffle_seed(seed))
+        .map(_Lookup(ids))
         .batch(global_batch_size, drop_remainder=True)
         .repeat()
         .map_with_index(_TrainBatch(source, _batched_read(source), spec, size,
@@ -383,25 +381,56 @@ def create_train_iterator(
   return iter(_to_iter_dataset(ds, num_workers))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Lookup:
+  """Position -> example id (a picklable map for grain's worker processes)."""
+  ids: np.ndarray
+
+  def __call__(self, position: int) -> int:
+    return int(self.ids[position])
+
+
+SPLITS = ('test', 'validation', 'calibration')
+
+
 def create_eval_iterator(
     name: str, data_dir: str | None, *, global_batch_size: int,
     process_index: int = 0, process_count: int = 1,
-    image_size: int | None = None, subset: int = 0,
-    num_workers: int = 0) -> grain.IterDataset:
-  """Finite, re-iterable eval batches of this process, in a fixed order.
+    image_size: int | None = None, subset: int | None = None,
+    num_workers: int = 0, split: str = 'test',
+    validation_examples: int = 0) -> grain.IterDataset:
+  """Finite, re-iterable eval batches of this process, in a fixed order, not augmented.
 
-  Yields dict(image, label, mask) for ceil(num_eval / global_batch_size)
+  ``split``: 'test' is the dataset's evaluation split (ImageNet: its validation set);
+  'validation' the ``validation_examples`` held out of the train split
+  (``split_train``); 'calibration' the training examples in a fixed random order
+  (for BatchNorm recalibration). ``subset`` takes the first examples of that order.
+
+  Yields dict(image, label, mask) for ceil(num_examples / global_batch_size)
   batches on every process; mask is 1 for real examples and 0 for the padding
   (black images, label 0) of the last global batch, so each example counts
   exactly once. Each `iter()` starts a fresh pass.
   """
-  spec = _spec(name)
+  spec = datasets.get(name)
   size = _image_size(spec, name, image_size)
   local = _local_batch_size(global_batch_size, process_index, process_count)
-  source = _data_source(name, spec.eval_split, data_dir)
-  num_examples = min(subset, len(source)) if subset else len(source)
-  num_batches = -(-num_examples // global_batch_size)
+  if split == 'test':
+    source = _data_source(name, spec.eval_split, data_dir)
+    ids = np.arange(len(source))
+  elif split in ('validation', 'calibration'):
+    source = _data_source(name, 'train', data_dir)
+    train_ids, ids = split_train(len(source), validation_examples)
+    if split == 'calibration':
+      ids = np.random.default_rng(_VALIDATION_SEED + 1).permutation(train_ids)
+    if not len(ids):
+      raise ValueError('the validation split is empty: the run held out no examples '
+                       '(data.validation_examples=0)')
+  else:
+    raise ValueError(f'unknown split {split!r}; choose one of {", ".join(SPLITS)}')
+  if subset:
+    ids = ids[:subset]
+  num_batches = -(-len(ids) // global_batch_size)
   ds = grain.MapDataset.range(num_batches).map(_EvalBatch(
-      source, _batched_read(source), spec, size, num_examples, process_index,
+      source, _batched_read(source), spec, size, ids, process_index,
       local, global_batch_size))
   return _to_iter_dataset(ds, num_workers)

@@ -5,15 +5,19 @@ full net, 1..K the sub-nets (ordered largest first, which IPKD-TA relies on).
 Per-sub-net terms are computed by ``jax.vmap`` over that axis.
 
 EKD (Eq. 7), with ``p_d = softmax(z_d / T)``, ``A_d^s`` the normalised attention map
-of stage ``s`` and teachers under ``stop_gradient`` (``sg``)::
+of stage ``s`` (the stages in ``attention_stages``, all by default) and teachers under
+``stop_gradient`` (``sg``)::
 
   L = CE(z_0) + 1/K sum_k CE(z_k)
-      + w/(K+1)     [ sum_k KL(sg p_0 || p_k)        + KL(sg p_et || p_0) ]
-      + alpha/(K+1) sum_s [ sum_k MSE(sg A_0^s, A_k^s) + MSE(sg A_et^s, A_0^s) ]
+      + 1/(K+1) [ sum_k w_k KL(sg p_0 || p_k)               + w KL(sg p_et || p_0) ]
+      + 1/(K+1) sum_s [ sum_k alpha_k MSE(sg A_0^s, A_k^s) + alpha MSE(sg A_et^s, A_0^s) ]
 
   p_et = mean_d p_d,  A_et^s = mean_d A_d^s      (the ensemble teacher)
 
-KL terms are scaled by T^2 so their gradients keep their size across temperatures.
+``w_k``/``alpha_k`` are one weight per sub-net (a scalar applies to each); the terms
+teaching the full net use their mean ``w``/``alpha``. ``ekd_no_ensemble`` (the
+ablation of Fig. 3) drops those two terms. KL terms are scaled by T^2 so their
+gradients keep their size across temperatures.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from collections.abc import Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-MODES = ('individual', 'ddnn', 'ekd', 'ipkd', 'ipkd_ta')
+MODES = ('individual', 'ddnn', 'ekd', 'ekd_no_ensemble', 'ipkd', 'ipkd_ta')
 
 
 def check_mode(mode: str, num_subnets: int) -> str:
@@ -58,6 +63,20 @@ def attention_map(features: chex.Array, eps: float = 1e-6) -> chex.Array:
   return a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + eps)
 
 
+def stacked_attention(features_per_depth: Sequence[Sequence[chex.Array]],
+                      stages: Sequence[int] | None = None) -> tuple[chex.Array, ...]:
+  """Attention maps of the distilled ``stages`` (None: all), stacked over depths.
+
+  ``features_per_depth[d][s]`` is depth d's output map of stage s; returns one
+  [D, B, H*W] array per chosen stage, the ``attention`` argument of ``ddnn_objective``.
+  """
+  num_stages = len(features_per_depth[0])
+  stages = range(num_stages) if stages is None else stages
+  # Only the small [B, H*W] maps are kept, not the feature maps themselves.
+  return tuple(jnp.stack([attention_map(features[s]) for features in features_per_depth])
+               for s in stages)
+
+
 def attention_mse(teacher: chex.Array, student: chex.Array) -> chex.Array:
   return jnp.mean(jnp.square(teacher - student))
 
@@ -72,27 +91,39 @@ def _subnet_terms(logits, attention, teacher_probs, teacher_attention, labels, t
   return ce, kl, mse
 
 
-def uses_attention(mode: str, alpha: float) -> bool:
+def uses_attention(mode: str, alpha: float | Sequence[float]) -> bool:
   """Whether ``mode`` needs attention maps (the train step skips them otherwise)."""
-  return mode == 'ekd' and alpha != 0
+  return mode in ('ekd', 'ekd_no_ensemble') and bool(np.any(np.asarray(alpha) != 0))
+
+
+def _per_subnet(weight: float | Sequence[float], num_subnets: int) -> jax.Array:
+  weight = jnp.asarray(weight, jnp.float32)
+  if weight.ndim == 0:
+    return jnp.full((num_subnets,), weight)
+  chex.assert_shape(weight, (num_subnets,))
+  return weight
 
 
 def ddnn_objective(mode: str, logits: chex.Array, attention: Sequence[chex.Array],
-                   labels: chex.Array, *, w: float = 1.0, alpha: float = 1.0,
+                   labels: chex.Array, *, w: float | Sequence[float] = 1.0,
+                   alpha: float | Sequence[float] = 1.0,
                    temperature: float = 1.0) -> tuple[chex.Array, dict[str, chex.Array]]:
   """The training loss of ``mode`` and its parts.
 
   Args:
     mode: one of ``MODES``.
     logits: [D, B, classes], full net first, then sub-nets largest first.
-    attention: per stage, [D, B, H*W] normalised attention maps (``attention_map``)
-      of every depth; ignored (may be empty) unless ``uses_attention(mode, alpha)``.
+    attention: per distilled stage, [D, B, H*W] normalised attention maps
+      (``attention_map``) of every depth; ignored (may be empty) unless
+      ``uses_attention(mode, alpha)``.
     labels: [B] integer labels.
-    w, alpha, temperature: KL weight, attention-MSE weight, softmax temperature.
+    w, alpha: KL and attention-MSE weights: one value or one per sub-net (K).
+    temperature: softmax temperature of the distillation terms.
 
   Returns:
     ``(loss, parts)``; ``parts['ce']`` is the [D] cross-entropy of every depth and
-    ``parts['kl']``/``parts['attention']`` the [K] distillation terms of the sub-nets.
+    ``parts['kl']``/``parts['attention']`` the [K] distillation terms of the sub-nets
+    (unweighted; attention summed over the stages).
   """
   num_subnets = logits.shape[0] - 1
   check_mode(mode, num_subnets)
@@ -106,6 +137,7 @@ def ddnn_objective(mode: str, logits: chex.Array, attention: Sequence[chex.Array
   probs = jax.nn.softmax(logits / temperature)
   use_attention = uses_attention(mode, alpha)
   attention = tuple(attention) if use_attention else ()
+  w_k, alpha_k = _per_subnet(w, num_subnets), _per_subnet(alpha, num_subnets)
 
   if mode == 'ipkd_ta':
     # Sub-net k is taught by the next larger depth k-1 (a teacher assistant).
@@ -125,15 +157,21 @@ def ddnn_objective(mode: str, logits: chex.Array, attention: Sequence[chex.Array
   if mode == 'ddnn':
     return loss, parts
   if mode in ('ipkd', 'ipkd_ta'):
-    return loss + w * jnp.mean(kl_sub), parts
+    return loss + jnp.mean(w_k * kl_sub), parts
 
-  # EKD: the ensemble of all depths teaches the full net back.
+  # EKD: every sub-net learns from the full net ...
+  norm = num_subnets + 1
+  loss += jnp.sum(w_k * kl_sub) / norm
+  if use_attention:
+    loss += jnp.sum(alpha_k * mse_sub) / norm
+  if mode == 'ekd_no_ensemble':
+    return loss, parts
+  # ... and the ensemble of all depths teaches the full net back.
   ensemble_probs = sg(jnp.mean(probs, axis=0))
   kl_full = kl_divergence(ensemble_probs, logits[0], temperature)
   mse_full = sum(attention_mse(sg(jnp.mean(a, axis=0)), a[0]) for a in attention)
-  norm = num_subnets + 1
-  loss += w / norm * (jnp.sum(kl_sub) + kl_full)
+  loss += jnp.mean(w_k) * kl_full / norm
   if use_attention:
-    loss += alpha / norm * (jnp.sum(mse_sub) + mse_full)
+    loss += jnp.mean(alpha_k) * mse_full / norm
   parts.update(kl_full=kl_full, attention_full=jnp.asarray(mse_full, jnp.float32))
   return loss, parts

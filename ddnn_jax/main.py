@@ -4,8 +4,12 @@ r"""Trains and evaluates a DDNN.
       [--config.train.num_epochs=1 ...]
 
 Multi-host GPU clusters add --coordinator_address=HOST:PORT --num_processes=N
---process_id=I; TPU pods and SLURM jobs are detected without flags.
-Bad input (config, data, workdir, checkpoint) ends with one line on stderr and exit code 2.
+--process_id=I; SLURM and Open MPI jobs are detected without flags; TPU pod slices
+pass --distributed (launch/tpu_vm.sh does).
+
+Exit codes: 0 done; 2 bad input (config, data, workdir, checkpoint), one ``error:``
+line; 3 diverged (a loss went non-finite; the latest checkpoint is the last finite
+state); 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun to continue).
 """
 
 import sys
@@ -18,13 +22,14 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and res
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host GPU).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host GPU).')
 flags.DEFINE_integer('process_id', None, 'Index of this process (multi-host GPU).')
+flags.DEFINE_bool('distributed', False, 'Join the multi-process run jax detects (TPU pod slices).')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/default.py.',
                                 lock_config=True)
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
   print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def _one_line(err: Exception) -> str:
@@ -59,13 +64,19 @@ def main(argv: list[str]) -> None:
          '--config configs/default.py --workdir /tmp/ddnn')
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, tfds its decoder.
   # Imported after flag parsing: jax must not initialise before jax.distributed does.
-  from ddnn_jax import data, parallel, train  # pylint: disable=g-import-not-at-top
+  from ddnn_jax import (config_lib, data, divergence, parallel, preemption,  # pylint: disable=g-import-not-at-top
+                        train)
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id)
+                                  FLAGS.process_id, detect=FLAGS.distributed)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.UsageError, data.DataError) as err:
+  except (config_lib.UsageError, data.DataError) as err:
     fail(str(err))
+  except divergence.Diverged as err:
+    fail(str(err), divergence.EXIT_CODE)
+  except preemption.Preempted as err:
+    print(str(err), file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -56,13 +56,18 @@ ARCHS: dict[str, ArchSpec] = {
 DEFAULT_WIDTH = {'cifar_resnet': 16, 'resnet_basic': 64, 'resnet_bottleneck': 64, 'vgg': 64}
 
 
-def _fmt(depth: Any) -> str:
+def format_depth(depth: Any) -> str:
+  """How a depth is shown to people: (3, 4, 6, 3) -> '[3,4,6,3]'; a name stays as it is."""
   if isinstance(depth, str):
-    return repr(depth)
+    return depth
   try:
     return '[' + ','.join(str(d) for d in depth) + ']'
   except TypeError:
     return repr(depth)
+
+
+def _fmt(depth: Any) -> str:  # In error messages: names quoted.
+  return repr(depth) if isinstance(depth, str) else format_depth(depth)
 
 
 def check_depth(depth: Any, full: Depth, arch: str = 'the full net') -> Depth:

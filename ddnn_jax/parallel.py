@@ -42,15 +42,6 @@ def _env_int(name: str, default: int = 0) -> int:
     return default
 
 
-def _tpu_vm() -> bool:
-  """Whether TPU chips are attached (the PCI scan jax itself does, no network calls)."""
-  try:
-    from jax._src import hardware_utils  # Private; absent or changed: treat as no TPU.
-    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-  except Exception:  # pylint: disable=broad-except
-    return False
-
-
 def _detected_cluster() -> str | None:
   """The multi-process launcher this process runs under, if any (env vars only).
 
@@ -63,8 +54,6 @@ def _detected_cluster() -> str | None:
     return 'slurm'
   if 'OMPI_MCA_orte_hnp_uri' in os.environ and _env_int('OMPI_COMM_WORLD_SIZE') > 1:
     return 'ompi'
-  if _tpu_vm():
-    return 'tpu'
   return None
 
 
@@ -77,7 +66,7 @@ def _enable_cpu_collectives() -> None:
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None, detect: bool = False) -> None:
   """Joins a multi-process run when there is one; otherwise does nothing.
 
   Must be called before any other JAX call (it fixes the device set). Runs
@@ -87,7 +76,9 @@ def initialize_distributed(coordinator_address: str | None = None,
     * SLURM (``srun``, more than one task) or Open MPI (``mpirun -n >1``) launched
       us -- jax then reads everything from the environment; on GPUs it gives each
       task one GPU (its local rank), so launch one task per GPU;
-    * TPU chips are attached -- jax reads the pod topology from the TPU VM.
+    * ``detect`` is set (``--distributed``, as launch/tpu_vm.sh passes on TPU VMs) --
+      jax reads the topology of a TPU pod slice from the TPU VM; a single-host TPU VM
+      has none and runs as one process.
   A single process on a plain machine returns at once: nothing to wait for.
   Idempotent: a second call, once initialised, does nothing.
   """
@@ -96,17 +87,20 @@ def initialize_distributed(coordinator_address: str | None = None,
   coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   explicit = any(a is not None for a in (coordinator_address, num_processes, process_id))
   cluster = None if explicit else _detected_cluster()
-  if not explicit and cluster is None:
+  if not (explicit or cluster or detect):
     return
   _enable_cpu_collectives()
+  # ddnn_jax.preemption handles SIGTERM itself (jax's service would take the signal
+  # over and answer about a second late).
+  jax.config.update('jax_enable_preemption_service', False)
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   except ValueError:
-    # A lone TPU VM without pod metadata (jax finds no coordinator): it needs no
-    # initialisation, so carry on as one process. Anything else is a real error.
-    if cluster != 'tpu':
+    # Asked to detect a cluster and none is there (a lone TPU VM: jax finds no
+    # coordinator): nothing to join, so carry on as one process.
+    if explicit or cluster:
       raise
-    logging.info('TPU VM without multi-host metadata: running as a single process.')
+    logging.info('no multi-process cluster detected: running as a single process.')
 
 
 def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

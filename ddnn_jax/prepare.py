@@ -29,6 +29,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from ddnn_jax import datasets
+
 # split -> feature -> array with one row per example; 'image' is uint8 NHWC.
 Arrays = dict[str, dict[str, np.ndarray]]
 # Reads one file, given its name inside the dataset folder or archive.
@@ -82,11 +84,6 @@ FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
 }
-DATASETS = ('fashion_mnist', 'cifar10', 'cifar100')
-_IMAGE_SIZE = {'fashion_mnist': (28, 28, 1), 'cifar10': (32, 32, 3),
-               'cifar100': (32, 32, 3)}
-_NUM_CLASSES = {'label': {'fashion_mnist': 10, 'cifar10': 10, 'cifar100': 100},
-                'coarse_label': {'cifar100': 20}}
 
 
 def default_data_dir() -> str:
@@ -251,9 +248,9 @@ def has_source(name: str, source_dir: str) -> bool:
 
 
 def _check_name(name: str) -> None:
-  if name not in DATASETS:
+  if name not in datasets.PREPARABLE:
     raise PrepareError(f"unknown dataset '{name}'; choose one of "
-                       f"{', '.join(DATASETS)}")
+                       f"{', '.join(datasets.PREPARABLE)}")
 
 
 def read_source(name: str, source_dir: Path) -> tuple[Arrays, dict[str, list[str]]]:
@@ -265,14 +262,14 @@ def read_source(name: str, source_dir: Path) -> tuple[Arrays, dict[str, list[str
     arrays, names = read_fashion_mnist(source_dir)
   else:
     arrays, names = read_cifar(name, source_dir)
+  spec = datasets.get(name)
   for split, features in arrays.items():
-    if features['image'].shape[1:] != _IMAGE_SIZE[name]:
+    if features['image'].shape[1:] != spec.image_shape:
       raise PrepareError(f'{name} {split}: bad image shape '
                          f'{features["image"].shape[1:]}')
-    for key, counts in _NUM_CLASSES.items():
-      if key in features and not (features[key] < counts[name]).all():
-        raise PrepareError(f'{name} {split}: {key} out of range '
-                           f'[0, {counts[name]})')
+    for key, classes in (('label', spec.num_classes), *spec.extra_labels):
+      if key in features and not (features[key] < classes).all():
+        raise PrepareError(f'{name} {split}: {key} out of range [0, {classes})')
   return arrays, names
 
 
@@ -373,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = _OneLineParser(
       prog='python -m ddnn_jax.prepare',
       description='Prepare a dataset offline into a tfds ArrayRecord data_dir.')
-  parser.add_argument('name', choices=DATASETS)
+  parser.add_argument('name', choices=datasets.PREPARABLE)
   parser.add_argument('--from', dest='source_dir', required=True,
                       help='folder with the original archives or files')
   parser.add_argument('--data_dir', default=default_data_dir(),

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ddnn_jax import models
+
 METRICS_FILE = 'metrics.jsonl'
 TB_DIR = 'tb'
 CSV_FIELDS = ('name', 'depth', 'params', 'flops', 'top1_error')
@@ -147,13 +149,44 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+# --- per-depth metric names ------------------------------------------------------
+
+
+def per_depth(prefix: str, values: Any, names: Sequence[str]) -> dict[str, float]:
+  """{'prefix/<depth name>': value}: one scalar per depth, in the order of ``names``."""
+  values = np.asarray(values)
+  if values.shape != (len(names),):
+    raise ValueError(f'{prefix}: {values.shape[0] if values.ndim else "a scalar"} values '
+                     f'for {len(names)} depths')
+  return {f'{prefix}/{n}': float(v) for n, v in zip(names, values)}
+
+
+def train_scalars(mean: Mapping[str, Any], names: Sequence[str],
+                  learning_rate: float) -> dict[str, float]:
+  """The logged train metrics: loss, LR, per-depth CE and accuracy, distillation terms.
+
+  ``mean`` holds the train step's metrics averaged over the steps since the last log:
+  'ce' and 'accuracy' per depth, 'kl'/'attention' per sub-net, and the full net's
+  'kl_full'/'attention_full' (taught by the ensemble, EKD).
+  """
+  scalars = {'train/loss': float(mean['loss']), 'train/learning_rate': float(learning_rate),
+             **per_depth('train/ce', mean['ce'], names),
+             **per_depth('train/accuracy', mean['accuracy'], names)}
+  for part in ('kl', 'attention'):
+    if part in mean:
+      scalars.update(per_depth(f'train/{part}', mean[part], names[1:]))
+    if f'{part}_full' in mean:
+      scalars[f'train/{part}/{names[0]}'] = float(mean[f'{part}_full'])
+  return scalars
+
+
+def eval_scalars(result: Mapping[str, Any], names: Sequence[str],
+                 epoch: int) -> dict[str, float]:
+  return {**per_depth('eval/accuracy', result['accuracy'], names),
+          **per_depth('eval/ce', result['ce'], names), 'epoch': float(epoch)}
+
+
 # --- results table and plot -------------------------------------------------------
-
-
-def _format_depth(depth: Any) -> str:
-  if isinstance(depth, str):
-    return depth
-  return '[' + ','.join(str(int(d)) for d in depth) + ']'
 
 
 def results_rows(names: Sequence[str], depths: Sequence[Any],
@@ -182,7 +215,7 @@ def results_rows(names: Sequence[str], depths: Sequence[Any],
       raise ValueError(f'top1_acc of {name!r} is {acc}; pass a fraction in [0, 1]')
     rows.append({
         'name': str(name),
-        'depth': _format_depth(depth),
+        'depth': models.format_depth(depth),
         'params': int(round(_to_float('params', n_params))),
         'flops': int(round(_to_float('flops', n_flops))),
         # Rounded so the CSV shows 22.8, not 22.799999999999997.

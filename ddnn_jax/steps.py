@@ -28,9 +28,19 @@ class TrainState(train_state.TrainState):
 
 @chex.dataclass(frozen=True)
 class LossWeights:
-  w: float = 1.0  # KL distillation weight.
-  alpha: float = 1.0  # Attention-MSE weight.
+  w: float | tuple[float, ...] = 1.0  # KL distillation weight, or one per sub-net.
+  alpha: float | tuple[float, ...] = 1.0  # Attention-MSE weight, or one per sub-net.
   temperature: float = 1.0
+  attention_stages: tuple[int, ...] | None = None  # Distilled stages; None: all.
+
+  @classmethod
+  def from_config(cls, config) -> LossWeights:
+    """The ``config.loss`` fields (validated by ``config_lib``)."""
+    as_weight = lambda v: tuple(v) if isinstance(v, (list, tuple)) else float(v)  # noqa: E731
+    stages = config.loss.attention_stages
+    return cls(w=as_weight(config.loss.w), alpha=as_weight(config.loss.alpha),
+               temperature=float(config.loss.temperature),
+               attention_stages=None if stages is None else tuple(stages))
 
 
 def _select(tree, like):
@@ -56,17 +66,8 @@ def create_train_state(rng: jax.Array, model: models.DDNN, depths: Sequence[mode
                            batch_stats=batch_stats)
 
 
-def _attention(features_per_depth, need_attention: bool):
-  """Attention maps per stage, stacked over depths: [D, B, H*W] each (or () if unused)."""
-  if not need_attention:
-    return ()
-  # Only the small [B, H*W] maps are kept, not the feature maps themselves.
-  maps = [[losses.attention_map(f) for f in features] for features in features_per_depth]
-  return tuple(jnp.stack(per_stage) for per_stage in zip(*maps))
-
-
 def _train_forward(state: TrainState, params, images, depths, need_attention: bool,
-                   shared_trunk: bool):
+                   shared_trunk: bool, attention_stages: Sequence[int] | None = None):
   """Every depth in train mode: stacked logits [D,B,C], attention maps, new BN statistics.
 
   ``shared_trunk`` runs the depths as one prefix tree (``DDNN.train_forward``); without
@@ -85,7 +86,8 @@ def _train_forward(state: TrainState, params, images, depths, need_attention: bo
       outputs.append(out)
       new_stats.append(mutated['batch_stats'])
   logits = jnp.stack([z for z, _ in outputs])
-  attention = _attention([features for _, features in outputs], need_attention)
+  attention = losses.stacked_attention([features for _, features in outputs],
+                                       attention_stages) if need_attention else ()
   return logits, attention, dict(zip(names, new_stats))
 
 
@@ -106,7 +108,7 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *,
 
   def loss_fn(params):
     logits, attention, new_stats = _train_forward(state, params, images, depths, need_attention,
-                                                  shared_trunk)
+                                                  shared_trunk, weights.attention_stages)
     loss, parts = losses.ddnn_objective(mode, logits, attention, labels, w=weights.w,
                                         alpha=weights.alpha, temperature=weights.temperature)
     return loss, {'logits': logits, 'parts': parts, 'batch_stats': new_stats}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddnn_jax import data, prepare
+from ddnn_jax import data, datasets, prepare
 from test_prepare import write_fake_cifar, write_fake_fashion_mnist
 
 NUM_MOCK = 20
@@ -42,7 +42,7 @@ def assert_batches_equal(a, b):
 
 
 def normalized_range(name):
-  spec = data._SPECS[name]
+  spec = datasets.SPECS[name]
   mean, std = np.asarray(spec.mean), np.asarray(spec.std)
   return (-mean / std).min(), ((1 - mean) / std).max()
 
@@ -159,7 +159,7 @@ def test_eval_images_are_not_augmented(cifar100_dir):
                             download=False)
   batch = next(iter(data.create_eval_iterator('cifar100', cifar100_dir,
                                               global_batch_size=4)))
-  spec = data._SPECS['cifar100']
+  spec = datasets.SPECS['cifar100']
   expected = (source[2]['image'] / 255 - spec.mean) / spec.std
   np.testing.assert_allclose(batch['image'][2], expected, atol=1e-5)
   assert batch['label'][2] == source[2]['label']

@@ -33,17 +33,24 @@ def np_attention(f):
   return a / (np.sqrt((a * a).sum(-1, keepdims=True)) + 1e-6)
 
 
-def np_ekd(z, att, y, w, alpha, t):
+def np_ekd(z, att, y, w, alpha, t, ensemble=True):
+  """Eq. 7, term by term; w and alpha: one value, or one per sub-net (the ensemble
+  terms teaching the full net then use their mean)."""
   k = len(z) - 1
+  w_k = np.broadcast_to(np.asarray(w, np.float64), (k,))
+  alpha_k = np.broadcast_to(np.asarray(alpha, np.float64), (k,))
   p = [np_softmax(zi, t) for zi in z]
   p_et = np.mean(p, 0)
   loss = np_ce(z[0], y) + np.mean([np_ce(z[i], y) for i in range(1, k + 1)])
-  kl = sum(np_kl(p[0], z[i], t) for i in range(1, k + 1)) + np_kl(p_et, z[0], t)
+  kl = sum(w_k[i - 1] * np_kl(p[0], z[i], t) for i in range(1, k + 1))
+  if ensemble:
+    kl += np.mean(w_k) * np_kl(p_et, z[0], t)
   mse = 0.0
   for a in att:  # stages
-    mse += sum(np.mean((a[0] - a[i])**2) for i in range(1, k + 1))
-    mse += np.mean((np.mean(a, 0) - a[0])**2)
-  return loss + w / (k + 1) * kl + alpha / (k + 1) * mse
+    mse += sum(alpha_k[i - 1] * np.mean((a[0] - a[i])**2) for i in range(1, k + 1))
+    if ensemble:
+      mse += np.mean(alpha_k) * np.mean((np.mean(a, 0) - a[0])**2)
+  return loss + kl / (k + 1) + mse / (k + 1)
 
 
 @pytest.fixture
@@ -95,6 +102,75 @@ def test_ekd_objective_matches_numpy(inputs, w, alpha, t):
                              rtol=1e-5)
   chex.assert_shape([parts['ce']], (D,))
   chex.assert_shape([parts['kl'], parts['attention']], (D - 1,))
+
+
+def _np_maps(features, stages=None):
+  stages = range(len(features)) if stages is None else stages
+  return [np.stack([np_attention(features[s][d]) for d in range(D)]) for s in stages]
+
+
+def test_ekd_without_ensemble_teacher_matches_numpy(inputs):
+  logits, features, labels = inputs
+  loss, parts = losses.ddnn_objective('ekd_no_ensemble', jnp.asarray(logits),
+                                      _attention(features), jnp.asarray(labels), w=0.5,
+                                      alpha=20.0, temperature=2.0)
+  want = np_ekd(logits, _np_maps(features), labels, 0.5, 20.0, 2.0, ensemble=False)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  # The dropped terms are what EKD adds on top: the two differ by exactly them.
+  ekd, _ = losses.ddnn_objective('ekd', jnp.asarray(logits), _attention(features),
+                                 jnp.asarray(labels), w=0.5, alpha=20.0, temperature=2.0)
+  np.testing.assert_allclose(ekd, np_ekd(logits, _np_maps(features), labels, 0.5, 20.0, 2.0),
+                             rtol=1e-5)
+  assert float(ekd) > float(loss)
+  assert 'kl_full' not in parts and 'attention_full' not in parts
+  chex.assert_shape([parts['kl'], parts['attention']], (D - 1,))
+
+
+@pytest.mark.parametrize('mode', ['ekd', 'ekd_no_ensemble', 'ipkd', 'ipkd_ta'])
+def test_per_subnet_weights_match_numpy(inputs, mode):
+  logits, features, labels = inputs
+  w, alpha = (0.2, 1.0, 3.0), (5.0, 0.0, 50.0)
+  loss, _ = losses.ddnn_objective(mode, jnp.asarray(logits), _attention(features),
+                                  jnp.asarray(labels), w=w, alpha=alpha)
+  if mode.startswith('ekd'):
+    want = np_ekd(logits, _np_maps(features), labels, w, alpha, 1.0,
+                  ensemble=mode == 'ekd')
+  else:
+    p = [np_softmax(logits[d]) for d in range(D)]
+    teacher = [p[0] if mode == 'ipkd' else p[k - 1] for k in range(1, D)]
+    want = (np_ce(logits[0], labels) + np.mean([np_ce(logits[k], labels) for k in range(1, D)])
+            + np.mean([w[k - 1] * np_kl(teacher[k - 1], logits[k]) for k in range(1, D)]))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  # Equal per-sub-net weights are the scalar weight.
+  same, _ = losses.ddnn_objective(mode, jnp.asarray(logits), _attention(features),
+                                  jnp.asarray(labels), w=(0.7,) * 3, alpha=(9.0,) * 3)
+  scalar, _ = losses.ddnn_objective(mode, jnp.asarray(logits), _attention(features),
+                                    jnp.asarray(labels), w=0.7, alpha=9.0)
+  np.testing.assert_allclose(same, scalar, rtol=1e-6)
+  with pytest.raises(AssertionError):  # One weight per sub-net, K of them.
+    losses.ddnn_objective(mode, jnp.asarray(logits), _attention(features),
+                          jnp.asarray(labels), w=(1.0, 2.0))
+
+
+def test_attention_from_chosen_stages_matches_numpy(inputs):
+  logits, features, labels = inputs
+  per_depth = [[jnp.asarray(f[d]) for f in features] for d in range(D)]
+  chosen = losses.stacked_attention(per_depth, stages=(1,))
+  assert len(chosen) == 1
+  chex.assert_shape(chosen[0], (D, B, 4))  # Stage 1 is 2x2.
+  loss, _ = losses.ddnn_objective('ekd', jnp.asarray(logits), chosen, jnp.asarray(labels),
+                                  alpha=30.0)
+  np.testing.assert_allclose(loss, np_ekd(logits, _np_maps(features, (1,)), labels, 1.0,
+                                          30.0, 1.0), rtol=1e-5)
+  # All stages (the default) sum the MSE over both: a larger attention term.
+  every = losses.stacked_attention(per_depth)
+  assert len(every) == 2
+  np.testing.assert_allclose(every[1], chosen[0])
+  full, _ = losses.ddnn_objective('ekd', jnp.asarray(logits), every, jnp.asarray(labels),
+                                  alpha=30.0)
+  np.testing.assert_allclose(full, np_ekd(logits, _np_maps(features), labels, 1.0, 30.0, 1.0),
+                             rtol=1e-5)
+  assert float(full) > float(loss)
 
 
 def test_vmapped_terms_equal_python_loop(inputs):

@@ -126,17 +126,72 @@ def assert_one_line_error(result, *fragments):
     assert fragment in lines[0], lines[0]
 
 
+# Every config value a user can get wrong, through the real command line: exit 2, one
+# `error:` line naming the field, the value and what is allowed; nothing written.
+BAD_VALUES = [
+    ('train.batch_size=0', 'train.batch_size=0: must be an integer >= 1'),
+    ('train.batch_size=-8', 'train.batch_size=-8: must be an integer >= 1'),
+    ('train.batch_size=12', 'train.batch_size=12: must be a multiple of the 8 devices'),
+    ('train.eval_batch_size=0', 'train.eval_batch_size=0: must be an integer >= 1'),
+    ('train.num_epochs=-1', 'train.num_epochs=-1: must be an integer >= 1'),
+    ('train.num_epochs=0', 'train.num_epochs=0: must be an integer >= 1'),
+    ('train.eval_every_epochs=0', 'train.eval_every_epochs=0: must be an integer >= 1'),
+    ('train.log_every_steps=0', 'train.log_every_steps=0: must be an integer >= 1'),
+    ('train.checkpoint_every_steps=-5', 'train.checkpoint_every_steps=-5: must be an integer'),
+    ('train.keep_checkpoints=0', 'train.keep_checkpoints=0: must be an integer >= 1'),
+    ('optim.learning_rate=-0.1', 'optim.learning_rate=-0.1: must be a finite number >= 0'),
+    ('optim.learning_rate=nan', 'optim.learning_rate=nan: must be a finite number >= 0'),
+    ('optim.learning_rate=inf', 'optim.learning_rate=inf: must be a finite number >= 0'),
+    ('optim.momentum=1.0', 'optim.momentum=1: must be a number in [0, 1)'),
+    ('optim.momentum=-0.5', 'optim.momentum=-0.5: must be a number in [0, 1)'),
+    ('model.bn_momentum=1.5', 'model.bn_momentum=1.5: must be a number in [0, 1)'),
+    ('optim.weight_decay=-0.0001', 'optim.weight_decay=-0.0001: must be a finite number >= 0'),
+    ('loss.w=-1.0', 'loss.w=-1: must be a finite number >= 0, or a tuple of K=2'),
+    ('loss.alpha=nan', "loss.alpha='nan': must be a finite number >= 0, or a tuple of K=2"),
+    ('loss.w=(1.0,2.0,3.0)', 'loss.w=(1.0, 2.0, 3.0): must be a finite number >= 0, or a tuple'),
+    ('loss.temperature=0', 'loss.temperature=0: must be a finite number > 0'),
+    ('loss.attention_stages=(3,)', 'loss.attention_stages=(3,): must be None (every stage) or'),
+    ('optim.warmup_epochs=31', 'optim.warmup_epochs=31: must be a number in [0, 30]'),
+    ('optim.decay_epochs=(20,10)', 'optim.decay_epochs=(20, 10): must be increasing whole'),
+    ('optim.decay_epochs=(40,)', 'optim.decay_epochs=(40,): must be increasing whole epochs'),
+    ('model.width=-4', 'model.width=-4: must be None (the standard width) or an integer >= 1'),
+    ('model.width=5', 'model.width=5: must be None or an even integer for a cifar_resnet'),
+    ('model.dtype=float16', "model.dtype='float16': must be one of float32, bfloat16"),
+    ('optim.schedule=linear', "optim.schedule='linear': must be one of cosine, step"),
+    ('mode=kd', "mode='kd': must be one of individual, ddnn, ekd"),
+    ('data.dataset=mnist2', "data.dataset='mnist2': must be one of fashion_mnist, cifar10"),
+    ('data.train_subset=-1', 'data.train_subset=-1: must be None or an integer >= 1'),
+    ('data.eval_subset=0', 'data.eval_subset=0: must be None or an integer >= 1'),
+    ('data.validation_examples=-5', 'data.validation_examples=-5: must be an integer >= 0'),
+    ('data.num_workers=-1', 'data.num_workers=-1: must be an integer >= 0'),
+    ('data.image_size=64', 'data.image_size=64: must be None for fashion_mnist, whose images'),
+    ('seed=-1', 'seed=-1: must be an integer >= 0'),
+    ('model.subnets=((1,1,4),)', 'model.subnets=((1, 1, 4),): must be a tuple of depths'),
+    ('model.arch=resnet21', "model.arch='resnet21': must be one of resnet20"),
+]
+
+
+@pytest.mark.parametrize('override,message', BAD_VALUES, ids=[v for v, _ in BAD_VALUES])
+def test_every_bad_config_value_is_one_line_and_exit_2(tmp_path, override, message):
+  workdir = tmp_path / 'run'
+  result = run_main(workdir, f'--config.{override}')
+  assert_one_line_error(result, message)
+  assert not workdir.exists()  # Nothing half-written: no workdir, no checkpoint.
+
+
+def test_the_bad_value_table_is_long_enough():
+  assert len(BAD_VALUES) >= 25 and len({v.split('=')[0] for v, _ in BAD_VALUES}) >= 25
+
+
 @pytest.mark.parametrize('args,fragments', [
-    (['--config.data.dataset=mnist2'], ["unknown dataset 'mnist2'"]),
-    (['--config.mode=kd'], ["unknown mode 'kd'", 'ekd']),
-    (['--config.mode=individual'], ["'individual' trains one net", 'model.subnets']),
-    (['--config.model.subnets=((1,1,4),)'], ['stage 2 has 4 blocks', 'has only 3']),
+    (['--config.mode=individual'], ["model.subnets=((1, 1, 1), (2, 2, 2))",
+                                    "at most one depth in mode 'individual'"]),
     (['--config.model.subnets=((1,1),)'], ['has 2 stages but resnet20 has 3']),
-    (['--config.model.arch=resnet21'], ["unknown architecture 'resnet21'"]),
     (['--config.train.num_epochs=abc'], ['num_epochs', 'abc']),
     (['--config.train.epochs=1'], ["unknown config field 'epochs'", 'num_epochs']),
     (['--config=configs/no_such.py'], ['cannot load --config', 'no_such.py']),
     (['--config=configs/imagenet_r50.py:v9'], ["unknown hardware preset 'v9'"]),
+    (['--config=configs/cifar10.py:r99'], ["unknown group 'r99'; known groups: r20_r16,"]),
     (['positional'], ['unexpected arguments: positional']),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragments):
@@ -182,7 +237,7 @@ def test_resuming_with_another_architecture_is_refused(tmp_path, fashion_mnist_d
   workdir = tmp_path / 'run'
   workdir.mkdir()
   (workdir / 'config.json').write_text(json.dumps({
-      'mode': 'ekd', 'model': {'arch': 'resnet56', 'subnets': [[1, 1, 1]], 'width': 0},
+      'mode': 'ekd', 'model': {'arch': 'resnet56', 'subnets': [[1, 1, 1]], 'width': None},
       'data': {'dataset': 'fashion_mnist'}}))
   result = run_main(workdir, f'--config.data.data_dir={fashion_mnist_dir}')
   assert_one_line_error(result, "model.arch='resnet56'", 'another --workdir')
@@ -202,7 +257,7 @@ def test_two_processes_run_the_job_like_one(tmp_path, fashion_mnist_dir):
   procs = [run_main(workdir, *args, f'--coordinator_address={address}', '--num_processes=2',
                     f'--process_id={i}', wait=False, devices=2) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
+  for p, (_, err) in zip(procs, outputs, strict=True):
     assert p.returncode == 0, err[-3000:]
   # Only process 0 reports: the run header, the size table and the results table.
   # (Process 1's stdout still holds Gloo's connection messages, from several threads.)
@@ -213,7 +268,8 @@ def test_two_processes_run_the_job_like_one(tmp_path, fashion_mnist_dir):
 
   single_rows = list(csv.DictReader(open(tmp_path / 'single' / 'results.csv')))
   multi_rows = list(csv.DictReader(open(workdir / 'results.csv')))
-  for a, b in zip(single_rows, multi_rows):
+  assert len(single_rows) == len(multi_rows) == 3
+  for a, b in zip(single_rows, multi_rows, strict=True):
     assert a['depth'] == b['depth'] and a['params'] == b['params']
     assert abs(float(a['top1_error']) - float(b['top1_error'])) <= 100 / 256 + 1e-6
   # The checkpoint both processes wrote together holds the single-process state.

@@ -51,11 +51,19 @@ def test_ekd_training_drives_every_subnet_loss_down():
   assert np.isfinite(metrics['loss']) and float(metrics['kl_full']) >= 0
 
 
-@pytest.mark.parametrize('mode,subnets', [('individual', []), ('ddnn', [(1, 1, 1)]),
-                                          ('ipkd', [(1, 1, 1)]), ('ipkd_ta', SUBNETS)])
-def test_every_mode_trains(mode, subnets):
+@pytest.mark.parametrize('mode,subnets,weights', [
+    ('individual', [], steps.LossWeights()),
+    ('ddnn', [(1, 1, 1)], steps.LossWeights()),
+    ('ipkd', [(1, 1, 1)], steps.LossWeights()),
+    ('ipkd_ta', SUBNETS, steps.LossWeights(w=(0.5, 2.0))),
+    # The ablations: no ensemble teacher; per-sub-net weights; attention of one stage.
+    ('ekd_no_ensemble', SUBNETS, steps.LossWeights(alpha=10.0)),
+    ('ekd', SUBNETS, steps.LossWeights(w=(1.0, 0.5), alpha=(10.0, 30.0),
+                                       attention_stages=(2,))),
+])
+def test_every_mode_trains(mode, subnets, weights):
   state, depths = new_state(mode, subnets)
-  train, _ = steps.jit_steps(depths, mode)
+  train, _ = steps.jit_steps(depths, mode, weights)
   batch = toy_batch(1)
   first = None
   for _ in range(30):

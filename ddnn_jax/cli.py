@@ -1,0 +1,47 @@
+"""What the command-line tools share: one-line errors with exit code 2, progress bars.
+
+Every tool is ``python -m ddnn_jax.NAME``: bad input prints one ``error: ...`` line on
+stderr, exits with 2 and writes nothing; long work shows a progress bar on stderr;
+results go to files as well as the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar('T')
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are one ``error:`` line (exit code 2), no usage dump."""
+
+  def error(self, message: str) -> NoReturn:
+    fail(message)
+
+
+def progress(items: Iterable[T], description: str, total: int | None = None,
+             unit: str = 'it') -> Iterable[T]:
+  """A tqdm progress bar on stderr (hidden when stderr is not a terminal and quiet)."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(items, desc=description, total=total, unit=unit, file=sys.stderr,
+                   dynamic_ncols=True, mininterval=1.0, leave=False)
+
+
+def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+  """Runs a tool's ``main(argv)``; bad input (UsageError, DataError, ValueError raised as
+  input errors) ends as one ``error:`` line with exit code 2."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every file it reads, tfds its decoder.
+  from ddnn_jax import config_lib, data  # pylint: disable=g-import-not-at-top
+  try:
+    main(argv)
+  except (config_lib.UsageError, data.DataError) as err:
+    fail(str(err))
