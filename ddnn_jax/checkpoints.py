@@ -42,7 +42,7 @@ def create_manager(workdir: str | os.PathLike, keep: int = 1,
   # still known (and kept) after a restart.
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=lambda m: m['mean_accuracy'], best_mode='max',
-      create=not read_only, read_only=read_only)
+      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, options=options,
                                item_names=('state', 'data'))
 
@@ -78,20 +78,25 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict[str,
     raise write_error(manager, step, err) from None
 
 
-def write_error(manager: ocp.CheckpointManager, step: int, err: BaseException) -> CheckpointError:
+def write_error(manager: ocp.CheckpointManager, step: int | None,
+                err: BaseException) -> CheckpointError:
   earlier = [s for s in manager.all_steps() if s != step]
   kept = f'earlier checkpoints are intact (latest: {max(earlier)})' if earlier else (
       'no earlier checkpoint exists')
-  return CheckpointError(f'cannot write checkpoint {step} to {manager.directory} '
-                         f'({_first_line(err)}); {kept}')
+  # The cause is the last part of orbax's message, e.g. "No space left on device".
+  text = str(err).strip()
+  cause = text.splitlines()[0].rsplit(': ', 1)[-1][:200] if text else type(err).__name__
+  which = f'checkpoint {step}' if step is not None else 'a checkpoint'
+  return CheckpointError(f'cannot write {which} to {manager.directory} ({cause}); {kept}')
 
 
 def wait(manager: ocp.CheckpointManager, step: int | None = None) -> None:
-  """Waits for pending writes; CheckpointError (one line) if one failed."""
+  """Waits for pending writes (``step``: the last one started); CheckpointError (one
+  line) if one failed."""
   try:
     manager.wait_until_finished()
   except Exception as err:  # noqa: BLE001 - failures of the background write surface here.
-    raise write_error(manager, step if step is not None else -1, err) from None
+    raise write_error(manager, step, err) from None
 
 
 def restore_train_state(manager: ocp.CheckpointManager, state):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 from collections.abc import Sequence
 
 from absl import flags
@@ -311,9 +312,20 @@ def _to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDatase
       raise ValueError('num_workers > 0 needs parsed absl flags, as in an absl app '
                        '(python -m ddnn_jax.main); elsewhere call '
                        'absl.flags.FLAGS.mark_as_parsed() first')
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                              worker_init_fn=_ignore_stop_signals)
   return it_ds
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+  """Workers leave SIGINT/SIGTERM to the trainer, which saves, then closes them.
+
+  Ctrl-C reaches the whole process group, workers included; without this they would
+  die under the trainer before it saves its checkpoint.
+  """
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _shuffle_seed(seed: int) -> int:

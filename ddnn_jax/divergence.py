@@ -26,7 +26,9 @@ def non_finite_terms(metrics: Mapping[str, Any], names: Sequence[str]) -> list[s
   is non-finite whenever one step was): arrays over depths are named per depth.
   """
   bad = []
-  for key, value in metrics.items():
+  order = ('loss', 'ce', 'accuracy', 'kl', 'attention', 'kl_full', 'attention_full')
+  for key, value in sorted(metrics.items(), key=lambda kv: (
+      order.index(kv[0]) if kv[0] in order else len(order), kv[0])):
     value = np.asarray(value)
     if value.ndim == 0:
       if not np.isfinite(value):

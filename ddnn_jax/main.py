@@ -64,8 +64,8 @@ def main(argv: list[str]) -> None:
          '--config configs/default.py --workdir /tmp/ddnn')
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, tfds its decoder.
   # Imported after flag parsing: jax must not initialise before jax.distributed does.
-  from ddnn_jax import (config_lib, data, divergence, parallel, preemption,  # pylint: disable=g-import-not-at-top
-                        train)
+  # pylint: disable-next=g-import-not-at-top
+  from ddnn_jax import config_lib, data, divergence, parallel, preemption, train
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, detect=FLAGS.distributed)
   try:

@@ -72,6 +72,7 @@ def shared_trunk_flops(model: models.DDNN, input_shape: Sequence[int],
   sum of the depths' own FLOPs.
   """
   image = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+
   def variables(depth=None):
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, depth=depth, train=False),
                           image)

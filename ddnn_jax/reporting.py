@@ -55,7 +55,8 @@ class _JsonlFile:
                      if self._epath.exists() else [])
       self._dirty = False
     else:
-      self._file = open(path, 'a', encoding='utf-8')
+      # Line-buffered: every record is on disk at once (readers follow a live run).
+      self._file = open(path, 'a', encoding='utf-8', buffering=1)
 
   def write(self, record: Mapping[str, Any]) -> None:
     line = json.dumps(record) + '\n'

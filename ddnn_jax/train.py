@@ -118,10 +118,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       acc='/'.join(f'{a:.2f}' for a in mean['accuracy']))
       divergence.check(step, mean, names, manager.latest_step(), str(manager.directory))
 
+    last_saved = None
+
     def save(step: int, metrics: dict[str, float] | None = None) -> None:
+      nonlocal last_saved
       if not checkpoints.is_finite(state):
         raise divergence.Diverged(divergence.diverged_message(
             step, ['train state'], manager.latest_step(), str(manager.directory)))
+      last_saved = step
       checkpoints.save(manager, step, state, train_iter.get_state(), metrics)
 
     try:
@@ -151,14 +155,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           log_pending(step)
           if not save_now:
             save(step)
-          checkpoints.wait(manager, step)
+          checkpoints.wait(manager, last_saved)
           raise preemption.Preempted(step, reason)
     finally:
       bar.close()
       train_iter.close()  # Stops grain's worker processes, if any.
       writer.close()
       try:
-        checkpoints.wait(manager)
+        checkpoints.wait(manager, last_saved)
       finally:
         manager.close()
 

@@ -2,7 +2,10 @@
 # Start one ddnn_jax process per GPU node over ssh. Node i gets --process_id=i;
 # the first node hosts the jax.distributed coordinator. Each process drives all
 # GPUs of its node. Output is streamed back, prefixed by node; the script waits
-# for every node and fails if any node fails.
+# for every node and fails if any node fails. Ctrl-C or SIGTERM is forwarded to
+# every node's process as SIGTERM: the run saves a checkpoint at the step it is on
+# and exits 75 (so does this script); run the same command again to continue. A
+# second Ctrl-C hangs up the ssh sessions at once.
 set -euo pipefail
 
 readonly PROG="${0##*/}"
@@ -45,6 +48,11 @@ ssh_cmd() {  # ssh_cmd HOST REMOTE_COMMAND
   printf '%s\0' ssh -tt -o BatchMode=yes "$1" "$2"
 }
 
+# Where node i's process records its pid, so that a stop can be forwarded to it.
+pid_file() {  # pid_file PROCESS_ID
+  printf '/tmp/ddnn_jax-%s-%s.pid' "$LAUNCH_ID" "$1"
+}
+
 remote_command() {  # remote_command PROCESS_ID
   local -a argv=()
   ((${#ENVS[@]})) && argv+=(env "${ENVS[@]}")
@@ -52,12 +60,30 @@ remote_command() {  # remote_command PROCESS_ID
   [[ -n $DATA_DIR ]] && argv+=("--config.data.data_dir=$DATA_DIR")
   argv+=("${OVERRIDES[@]}" "${EXTRA[@]}")
   argv+=("--coordinator_address=$COORDINATOR:$PORT" "--num_processes=${#NODES[@]}" "--process_id=$1")
-  printf 'cd %s && exec %s' "$(quote "$REMOTE_DIR")" "$(quote "${argv[@]}")"
+  # exec keeps the shell's pid: the one written to the pid file.
+  printf 'cd %s && echo $$ > %s && exec %s' "$(quote "$REMOTE_DIR")" "$(pid_file "$1")" \
+    "$(quote "${argv[@]}")"
+}
+
+STOPPING=0
+forward_stop() {  # First INT/TERM: SIGTERM to every node's run. Second: hang up.
+  if ((STOPPING)); then
+    kill "${pids[@]}" 2>/dev/null || true
+    return
+  fi
+  STOPPING=1
+  printf '%s: asking every node to save and stop (again to hang up at once)\n' "$PROG" >&2
+  local i
+  for i in "${!NODES[@]}"; do
+    ssh -o BatchMode=yes "${NODES[i]}" "kill -TERM \$(cat $(pid_file "$i")) 2>/dev/null" \
+      </dev/null >/dev/null 2>&1 &
+  done
 }
 
 launch() {
-  local i failed=0
-  local -a cmd pids=()
+  local i failed=0 stopped=0
+  local -a cmd
+  pids=()
   for i in "${!NODES[@]}"; do
     mapfile -d '' -t cmd < <(ssh_cmd "${NODES[i]}" "$(remote_command "$i")")
     if ((DRY_RUN)); then
@@ -70,26 +96,37 @@ launch() {
     pids+=("$!")
   done
   ((DRY_RUN)) && return 0
-  # Ctrl-C / kill: end the ssh sessions we started; the remote runs get SIGHUP.
-  trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
+  trap forward_stop INT TERM
   local status
   for i in "${!pids[@]}"; do
-    status=0
-    wait "${pids[i]}" || status=$?
-    if ((status)); then
+    while :; do
+      status=0
+      wait "${pids[i]}" || status=$?
+      # A trapped signal ends `wait` early (status > 128) while the node still runs.
+      if ((status <= 128)) || ! kill -0 "${pids[i]}" 2>/dev/null; then
+        break
+      fi
+    done
+    if ((status == 75)); then
+      printf '%s: node %d (%s) saved a checkpoint and stopped\n' "$PROG" "$i" "${NODES[i]}" >&2
+      stopped=1
+    elif ((status)); then
       printf '%s: node %d (%s) exited with status %d\n' "$PROG" "$i" "${NODES[i]}" "$status" >&2
       failed=1
     fi
   done
   wait  # let the output filters drain
-  return "$failed"
+  ((failed)) && return 1
+  ((stopped)) && return 75
+  return 0
 }
 
 # --- argument parsing ----------------------------------------------------------
 
 NODES_ARG='' PORT='12355' COORDINATOR='' CONFIG=$DEFAULT_CONFIG WORKDIR='' DATA_DIR=''
 REMOTE_DIR=$REPO_ROOT PYTHON='python3' DRY_RUN=0
-NODES=() ENVS=() OVERRIDES=() EXTRA=()
+NODES=() ENVS=() OVERRIDES=() EXTRA=() pids=()
+LAUNCH_ID="$(date +%s)-$$"
 
 set_option() {  # set_option NAME VALUE
   case $1 in

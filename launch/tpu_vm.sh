@@ -27,7 +27,7 @@ Subcommands:
   prepare-data  build ImageNet as ArrayRecord into --data-dir with tfds, on worker 0
   train         start training under nohup on all workers (needs --workdir)
   tail          follow a log (worker 0 by default; --worker all for every worker)
-  stop          stop training on all workers (kills the process group started by train)
+  stop          stop training on all workers: SIGTERM, the run saves a checkpoint and exits
   delete        delete the TPU VM
   all           create + install + train
 
@@ -127,7 +127,8 @@ nohup $build >> $REMOTE_LOGS/prepare-data.log 2>&1 < /dev/null &"
 }
 
 main_flags() {  # the argv of ddnn_jax.main, shell-quoted for the remote shell
-  local -a flags=("--config=$CONFIG" "--workdir=$WORKDIR")
+  # --distributed: jax reads the pod slice's topology (a single-host VM runs alone).
+  local -a flags=("--config=$CONFIG" "--workdir=$WORKDIR" --distributed)
   [[ -n $DATA_DIR ]] && flags+=("--config.data.data_dir=$DATA_DIR")
   flags+=("${OVERRIDES[@]}" "${EXTRA[@]}")
   quote "${flags[@]}"
@@ -153,9 +154,12 @@ cmd_tail() {
 }
 
 cmd_stop() {
-  # Kill by the recorded process group; workers where nothing runs are fine.
+  # SIGTERM to the trainer: it saves a checkpoint at its step, closes its data workers
+  # and exits (75). Whatever is left of its process group after 5 minutes is killed.
   local pid="$REMOTE_LOGS/train.pid"
-  tpu_ssh all "if [ -f $pid ]; then kill -- -\"\$(cat $pid)\" 2>/dev/null || true; rm -f $pid; fi"
+  tpu_ssh all "if [ -f $pid ]; then p=\$(cat $pid); kill -TERM \$p 2>/dev/null || true; \
+for _ in \$(seq 300); do kill -0 \$p 2>/dev/null || break; sleep 1; done; \
+kill -- -\$p 2>/dev/null || true; rm -f $pid; fi"
 }
 
 cmd_delete() {

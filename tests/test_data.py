@@ -173,10 +173,6 @@ def test_eval_imagenet_center_crop(mock_tfds):
   np.testing.assert_array_equal(batches[1]['mask'], [1, 1, 0, 0, 0, 0, 0, 0])
 
 
-def test_ensure_prepared_accepts_mock_data(mock_tfds, tmp_path):
-  assert data.ensure_prepared('cifar10', str(tmp_path), None) == str(tmp_path)
-
-
 def test_eval_is_reiterable(mock_tfds):
   ds = data.create_eval_iterator('cifar10', None, global_batch_size=8)
   assert_batches_equal(list(ds), list(ds))
@@ -191,14 +187,52 @@ def test_pad_crop_flip():
   np.testing.assert_array_equal(out[1, 1:, 1:], images[1, :2, :2])
 
 
-def test_random_resized_crop_and_center_crop():
-  image = np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8)
-  uniforms = np.random.default_rng(1).random((10, 4))
-  chex.assert_shape(data.random_resized_crop(image, 16, uniforms), (16, 16, 3))
-  # No attempt fits: central crop with the widest allowed ratio.
-  chex.assert_shape(data.random_resized_crop(image, 16, np.ones((10, 4))), (16, 16, 3))
+def _coordinates_image(h, w):
+  """Channel 0 holds each pixel's column, channel 1 its row: a crop shows where it was."""
+  image = np.zeros((h, w, 3), np.uint8)
+  image[..., 0] = np.arange(w)[None, :]
+  image[..., 1] = np.arange(h)[:, None]
+  return image
+
+
+def _box_seen(crop, size):
+  """The source box (x0, y0, x1, y1) a bilinear resize to ``size`` pixels sampled."""
+  cols, rows = crop[0, :, 0].astype(float), crop[:, 0, 1].astype(float)
+  # Pixel j samples the source at x0 + (j + 0.5) * (x1 - x0) / size (minus 0.5 for centres).
+  step_x, step_y = (cols[-1] - cols[0]) / (size - 1), (rows[-1] - rows[0]) / (size - 1)
+  return (cols[0] + 0.5 - step_x / 2, rows[0] + 0.5 - step_y / 2,
+          cols[-1] + 0.5 + step_x / 2, rows[-1] + 0.5 + step_y / 2)
+
+
+def test_random_resized_crop_takes_the_drawn_box():
+  image = _coordinates_image(50, 80)
+  # Area 0.08 + 0.5 * 0.92 = 54% of 4000 px at ratio exp(0) = 1: a 46x46 box (rounded),
+  # at y = int(0.25 * (50 - 46 + 1)) = 1 and x = int(0.5 * (80 - 46 + 1)) = 17.
+  uniforms = np.array([[0.5, 0.5, 0.25, 0.5]] * 10)
+  crop = data.random_resized_crop(image, 16, uniforms)
+  chex.assert_shape(crop, (16, 16, 3))
+  np.testing.assert_allclose(_box_seen(crop, 16), (17, 1, 63, 47), atol=1.0)
+
+
+def test_random_resized_crop_falls_back_to_the_widest_central_box():
+  # No attempt fits (all of the area at ratio 4/3 is a 73x55 box, taller than the 50 px
+  # image): the fallback is the central crop of the widest allowed ratio, 66.7 x 50.
+  image = _coordinates_image(50, 80)
+  crop = data.random_resized_crop(image, 16, np.ones((10, 4)))
+  np.testing.assert_allclose(_box_seen(crop, 16), (80 / 2 - 100 / 3, 0, 80 / 2 + 100 / 3, 50),
+                             atol=1.0)
+  # A tall image falls back to the tallest allowed ratio, 3/4, centred vertically.
+  tall = data.random_resized_crop(_coordinates_image(80, 50), 16, np.ones((10, 4)))
+  np.testing.assert_allclose(_box_seen(tall, 16), (0, 40 - 100 / 3, 50, 40 + 100 / 3), atol=1.0)
+
+
+def test_center_crop():
   flat = np.full((50, 80, 3), 7, np.uint8)
   np.testing.assert_array_equal(data.center_crop(flat, 16), 7)
+  # The central square of 87.5% of the shorter side: 43.75 px around (40, 25).
+  crop = data.center_crop(_coordinates_image(50, 80), 16)
+  np.testing.assert_allclose(_box_seen(crop, 16), (40 - 21.875, 25 - 21.875, 40 + 21.875,
+                                                   25 + 21.875), atol=1.0)
 
 
 def test_unknown_dataset_is_a_value_error():

@@ -11,6 +11,7 @@ import glob
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 
@@ -107,7 +108,7 @@ def test_tpu_all(env):
   assert 'nohup' in remote_train
   assert _main_argv(remote_train) == [
       'python3', '-m', 'ddnn_jax.main', '--config=configs/imagenet_r50.py',
-      '--workdir=gs://bucket/run1', '--config.data.data_dir=gs://bucket/tfds',
+      '--workdir=gs://bucket/run1', '--distributed', '--config.data.data_dir=gs://bucket/tfds',
       '--config.train.num_epochs=3', "--config.model.name=it's a net", '--extra=1']
   assert '~/ddnn_jax_logs/train.log' in remote_train
 
@@ -157,7 +158,12 @@ def test_tpu_tail(env, extra, worker, log):
 
 def test_tpu_stop_and_delete(env):
   (stop,) = _dry_run(TPU, ['stop', *TPU_BASE], env)
-  assert '--worker=all' in stop and 'kill' in _remote_argv(stop)
+  assert '--worker=all' in stop
+  remote = _remote_argv(stop)
+  # SIGTERM to the trainer first (it saves and exits), the process group only later.
+  term = remote.index('-TERM')
+  assert remote[term - 1:term + 2] == ['kill', '-TERM', '$p']
+  assert remote.index('sleep') > term and remote.index('--') > remote.index('sleep')
   (delete,) = _dry_run(TPU, ['delete', '--name', 'x'], env)
   assert delete == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'x']
   (delete,) = _dry_run(TPU, ['delete', '--name', 'x', '--yes'], env)
@@ -198,7 +204,11 @@ def test_gpu_dry_run(env):
   for i, (argv, node) in enumerate(zip(lines, nodes)):
     assert argv[0] == 'ssh' and argv[-2] == node
     remote = _shell_words(argv[-1])
-    assert remote[:5] == ['cd', '/shared/code dir', '&&', 'exec', 'env']
+    assert remote[:3] == ['cd', '/shared/code dir', '&&']
+    # The process records its pid (exec keeps the shell's) so a stop can reach it.
+    assert remote[3:5] == ['echo', '$$'] and remote[5] == '>'
+    assert remote[6].startswith('/tmp/ddnn_jax-') and remote[6].endswith(f'-{i}.pid')
+    assert remote[7:10] == ['&&', 'exec', 'env']
     main = remote[remote.index('python3'):]
     assert main[:5] == ['python3', '-m', 'ddnn_jax.main', '--config=configs/imagenet_r50.py',
                         '--workdir=/shared/w']
@@ -219,22 +229,65 @@ def test_gpu_coordinator_and_python(env):
                          '--process_id=0']
 
 
-def test_gpu_runs_every_node_and_reports_failure(env, tmp_path):
-  # Stub ssh that runs the remote command here; python3 fails on process 1.
-  bin_dir = tmp_path / 'bin'
+def _local_ssh(bin_dir):
+  """An ssh stub that runs the remote command here."""
   _write_exe(bin_dir / 'ssh', '#!/usr/bin/env bash\n'
              'while [[ $1 == -* ]]; do [[ $1 == -o ]] && shift; shift; done\n'
              'exec bash -c "$2"\n')
+
+
+def test_gpu_runs_every_node_and_reports_failure(env, tmp_path):
+  # ssh runs the remote command here; python3 fails on process 1.
+  bin_dir = tmp_path / 'bin'
+  _local_ssh(bin_dir)
   _write_exe(bin_dir / 'python3', '#!/usr/bin/env bash\n'
              'echo "ran $*"\n[[ $* == *process_id=1 ]] && exit 7\nexit 0\n')
   proc = _run(GPU, ['--nodes', 'a,b', '--workdir', str(tmp_path), '--remote-dir',
                     str(tmp_path)], env)
   assert proc.returncode == 1
   out = proc.stdout.splitlines()
-  assert any(l.startswith('[0:a] ran -m ddnn_jax.main') and l.endswith('--process_id=0')
-             for l in out), out
-  assert any(l.startswith('[1:b] ran') for l in out), out
+  assert any(line.startswith('[0:a] ran -m ddnn_jax.main') and line.endswith('--process_id=0')
+             for line in out), out
+  assert any(line.startswith('[1:b] ran') for line in out), out
   assert 'node 1 (b) exited with status 7' in proc.stderr
+
+
+# A trainer stub: reports its start, then on SIGTERM saves and exits 75, like ddnn_jax.main.
+TRAINER = ('#!/usr/bin/env bash\n'
+           'trap \'echo "saved after SIGTERM ($*)"; exit 75\' TERM\n'
+           'echo started\n'
+           'for _ in $(seq 300); do sleep 0.1; done\n'
+           'exit 1\n')
+
+
+def _wait_for(proc, text, lines):
+  for line in proc.stdout:
+    lines.append(line)
+    if text in line:
+      return
+  raise AssertionError(f'{text!r} never printed: {lines}')
+
+
+def test_gpu_forwards_sigterm_to_every_node(env, tmp_path):
+  bin_dir = tmp_path / 'bin'
+  _local_ssh(bin_dir)
+  _write_exe(bin_dir / 'python3', TRAINER)
+  proc = subprocess.Popen([GPU, '--nodes', 'a,b', '--workdir', str(tmp_path), '--remote-dir',
+                           str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  lines = []
+  _wait_for(proc, '[0:a] started', lines)
+  if not any('[1:b] started' in line for line in lines):
+    _wait_for(proc, '[1:b] started', lines)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=30)
+  lines += out.splitlines()
+  assert proc.returncode == 75, (proc.returncode, err)
+  for node in ('[0:a]', '[1:b]'):
+    assert any(line.startswith(f'{node} saved after SIGTERM') for line in lines), lines
+  assert 'asking every node to save and stop' in err
+  assert 'node 0 (a) saved a checkpoint and stopped' in err
+  assert 'node 1 (b) saved a checkpoint and stopped' in err
 
 
 @pytest.mark.parametrize('args, message', [
@@ -284,6 +337,23 @@ def test_slurm_sbatch_sets_process_ids(env, tmp_path):
         '-m', 'ddnn_jax.main', '--config=configs/imagenet_r50.py', '--workdir=/shared/w',
         '--config.data.data_dir=/shared/tfds', '--config.train.num_epochs=3',
         '--coordinator_address=gpu07:12355', '--num_processes=6', f'--process_id={i}']
+
+
+def test_slurm_sbatch_forwards_sigterm_to_srun(env, tmp_path):
+  bin_dir = tmp_path / 'bin'
+  _write_exe(bin_dir / 'scontrol', '#!/bin/sh\necho gpu01\n')
+  _write_exe(bin_dir / 'srun', TRAINER)  # srun passes the signal on to its tasks.
+  slurm_env = {**env, 'SLURM_JOB_NODELIST': 'gpu01', 'SLURM_NNODES': '1', 'SLURM_NTASKS': '1',
+               'WORKDIR': '/shared/w'}
+  proc = subprocess.Popen(['bash', SLURM], env=slurm_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for(proc, 'started', [])
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=30)
+  assert proc.returncode == 75, (proc.returncode, err)
+  assert 'saved after SIGTERM' in out
+  # SLURM itself signals the tasks before the time limit.
+  assert '#SBATCH --signal=TERM@300' in open(SLURM).read().splitlines()
 
 
 def test_scripts_are_executable():

@@ -2,63 +2,14 @@
 
 import csv
 import json
-import os
-import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import chex
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from ddnn_jax import data
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
-TINY = ['--config.model.width=4', '--config.data.train_subset=512',
-        '--config.data.eval_subset=256', '--config.train.batch_size=32',
-        '--config.train.eval_batch_size=128', '--config.train.log_every_steps=4']
-
-
-@pytest.fixture(scope='session')
-def fashion_mnist_dir(tmp_path_factory):
-  if not os.path.isdir(FASHION_MNIST):
-    pytest.skip('apt-get install dataset-fashion-mnist (.ci/run does)')
-  return data.ensure_prepared('fashion_mnist', str(tmp_path_factory.mktemp('tfds')),
-                              FASHION_MNIST)
-
-
-def run_main(workdir, *args, wait=True, timeout=600, devices=None):
-  config = [] if any(a.startswith('--config=') for a in args) else ['--config=configs/default.py']
-  cmd = [sys.executable, '-m', 'ddnn_jax.main', *config, f'--workdir={workdir}', *args]
-  env = None
-  if devices:
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  if not wait:
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def checkpoint_steps(workdir):
-  root = pathlib.Path(workdir) / 'checkpoints'
-  return sorted(int(p.name) for p in root.glob('*') if p.name.isdigit()) if root.exists() else []
-
-
-def restore_state(workdir, step):
-  """The saved train state on this process's first device, whatever devices saved it."""
-  path = pathlib.Path(workdir) / 'checkpoints' / str(step) / 'state'
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(path).item_metadata
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          saved)
-    return checkpointer.restore(path, target)
+from jobs import TINY, assert_one_line_error, checkpoint_steps, restore_state, run_main
 
 
 @pytest.mark.slow
@@ -115,15 +66,6 @@ def test_sigkill_then_restart_equals_uninterrupted_run(tmp_path, fashion_mnist_d
                               restore_state(tmp_path / 'reference', total))
   assert ((workdir / 'results.csv').read_text() ==
           (tmp_path / 'reference' / 'results.csv').read_text())
-
-
-def assert_one_line_error(result, *fragments):
-  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
-  assert 'Traceback' not in result.stderr
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
 
 
 # Every config value a user can get wrong, through the real command line: exit 2, one
