@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar('T')
+ArgumentTypeError = argparse.ArgumentTypeError
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -25,6 +26,28 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def error(self, message: str) -> NoReturn:
     fail(message)
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'an integer >= 1, not {text!r}')
+  return value
+
+
+def positive_float(text: str) -> float:
+  """argparse type: a finite number > 0."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = float('nan')
+  if not 0 < value < float('inf'):
+    raise argparse.ArgumentTypeError(f'a number > 0, not {text!r}')
+  return value
 
 
 def progress(items: Iterable[T], description: str, total: int | None = None,

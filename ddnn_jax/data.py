@@ -43,6 +43,7 @@ class DatasetInfo:
   image_shape: tuple     # (H, W, C) of batches fed to the model
   num_train: int         # examples in the train split (as prepared on disk)
   num_eval: int
+  class_names: tuple[str, ...] = ()  # of the labels, when the dataset names them
 
 
 _RRC_SCALE = (0.08, 1.0)  # random-resized crop: area fraction and aspect ratio
@@ -129,21 +130,26 @@ def get_dataset_info(name: str, data_dir: str | None,
                      image_size: int | None = None) -> DatasetInfo:
   spec = datasets.get(name)
   size = _image_size(spec, name, image_size)
+  train = _data_source(name, 'train', data_dir)
+  try:
+    class_names = tuple(train.dataset_info.features['label'].names)
+  except (AttributeError, KeyError):
+    class_names = ()
   return DatasetInfo(
       name=name, num_classes=spec.num_classes,
       image_shape=(size, size, spec.image_shape[2]),
-      num_train=len(_data_source(name, 'train', data_dir)),
-      num_eval=len(_data_source(name, spec.eval_split, data_dir)))
+      num_train=len(train),
+      num_eval=len(_data_source(name, spec.eval_split, data_dir)),
+      class_names=class_names if len(class_names) == spec.num_classes else ())
 
 
 # ------------------------------------------------------------ preprocessing
 
 
-def _normalize(images: np.ndarray, spec: datasets.DatasetSpec) -> np.ndarray:
-  """uint8 -> float32 with the dataset's per-channel mean 0 and std 1."""
-  std = np.asarray(spec.std, np.float32)
-  scale = 1 / (255 * std)
-  shift = np.asarray(spec.mean, np.float32) / std
+def normalize(images: np.ndarray, spec: datasets.DatasetSpec) -> np.ndarray:
+  """Pixels (uint8, or floats in [0, 255]) -> float32 with the dataset's per-channel mean 0
+  and std 1."""
+  scale, shift = spec.normalization()
   out = np.multiply(images, scale, dtype=np.float32)  # one pass less than astype
   out -= shift
   return out
@@ -258,7 +264,7 @@ class _TrainBatch(_Loader):
       offsets = rng.integers(0, 2 * self.spec.pad + 1, (n, 2))[rows]
       images = pad_crop_flip(np.stack([ex['image'] for ex in examples]),
                              self.spec.pad, offsets, flips)
-    return {'image': _normalize(images, self.spec), 'label': _labels(examples)}
+    return {'image': normalize(images, self.spec), 'label': _labels(examples)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +289,7 @@ class _EvalBatch(_Loader):
       images[i] = center_crop(image, self.size) if self.spec.resize else image
     labels[:len(ids)] = _labels(examples)
     mask[:len(ids)] = 1
-    return {'image': _normalize(images, self.spec), 'label': labels,
+    return {'image': normalize(images, self.spec), 'label': labels,
             'mask': mask}
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
@@ -26,6 +28,12 @@ class DatasetSpec:
   @property
   def image_size(self) -> int:
     return self.image_shape[0]
+
+  def normalization(self) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift), float32 per channel: a pixel p in [0, 255] is fed as p * scale - shift
+    (mean 0 and std 1 over the train split)."""
+    std = np.asarray(self.std, np.float32)
+    return 1 / (255 * std), np.asarray(self.mean, np.float32) / std
 
 
 SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (

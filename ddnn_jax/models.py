@@ -256,13 +256,22 @@ class DDNN(nn.Module):
     """
     if len(running_stats) != len(depths):
       raise ValueError(f'{len(running_stats)} sets of running statistics for {len(depths)} depths')
-    outputs, moments = self._forward(x, tuple(depths), train=True, batch_moments=True)
+    outputs, moments = self.batch_moments(x, depths)
     m = self.bn_momentum
     new_stats = tuple(
         jax.tree.map(lambda old, new: m * old + (1 - m) * new, old_stats, {
             name: moments[d][name] for name in old_stats})
         for d, old_stats in enumerate(running_stats))
     return outputs, new_stats
+
+  def batch_moments(self, x, depths: Sequence[Depth]):
+    """Train-mode outputs of ``depths`` (shared trunk) and each depth's BatchNorm moments.
+
+    Returns ``(outputs, moments)``: per depth ``(logits, features)`` and
+    ``{top-level module: {BatchNorm: {'mean', 'var'}}}`` of this batch, in the layout of
+    its 'batch_stats'. Apply with ``mutable=['batch_stats']`` (scratch space only).
+    """
+    return self._forward(x, tuple(depths), train=True, batch_moments=True)
 
   @nn.compact
   def _forward(self, x, depths: tuple[Depth, ...], train: bool, batch_moments: bool):

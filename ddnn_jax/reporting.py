@@ -246,18 +246,32 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
   return buf.getvalue()
 
 
-def _plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
-  """Draws top-1 accuracy vs. FLOPs, one labelled point per sub-net."""
-  # Figure + FigureCanvasAgg rather than pyplot: no global backend switch and
-  # no figure registry to leak, so it is safe inside a training process.
+def new_figure(size: tuple[float, float] = (6, 4.5)):
+  """A matplotlib Figure and its Agg canvas.
+
+  Figure + FigureCanvasAgg rather than pyplot: no global backend switch and no figure
+  registry to leak, so it is safe inside a training process.
+  """
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=size, dpi=120)
+  return fig, FigureCanvasAgg(fig)
 
+
+def figure_png(fig, canvas) -> bytes:
+  del canvas  # Attached to fig; kept by the caller until the figure is drawn.
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png')
+  return buf.getvalue()
+
+
+def _plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
+  """Draws top-1 accuracy vs. FLOPs, one labelled point per sub-net."""
   ordered = sorted(rows, key=lambda r: r['flops'])
   x = [r['flops'] / 1e6 for r in ordered]
   y = [100.0 - r['top1_error'] for r in ordered]
-  fig = Figure(figsize=(6, 4.5), dpi=120)
-  FigureCanvasAgg(fig)
+  fig, canvas = new_figure()
   ax = fig.add_subplot()
   ax.plot(x, y, 'o-', color='tab:blue')
   for r, xi, yi in zip(ordered, x, y):
@@ -268,13 +282,10 @@ def _plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
   ax.set_title(title or 'Top-1 accuracy vs. FLOPs')
   ax.grid(True, alpha=0.3)
   ax.margins(x=0.15, y=0.15)  # room for the labels
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png')
-  return buf.getvalue()
+  return figure_png(fig, canvas)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
   """Writes data so that readers see the old file or the new one, never half."""
   if _is_remote(path):
     # An object-store upload only becomes visible once complete.
@@ -318,5 +329,5 @@ def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
       'plot': _plot_png(rows, title),
   }
   for key, path in paths.items():
-    _atomic_write(path, contents[key])
+    atomic_write(path, contents[key])
   return paths

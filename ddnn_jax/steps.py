@@ -131,6 +131,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   return state, metrics
 
 
+def depth_logits(apply_fn, params, batch_stats, images, depth: models.Depth) -> jax.Array:
+  """Inference of one depth with its own BatchNorm statistics: the apply every evaluation
+  and deployment path (eval step, ``ddnn_jax.evaluate``, export, ``DynamicModel``) uses."""
+  return apply_fn({'params': params, 'batch_stats': batch_stats}, images, depth=depth,
+                  train=False)[0]
+
+
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
               depths: tuple[models.Depth, ...]) -> dict[str, jax.Array]:
   """Sums (not means) of correct predictions, CE and examples per depth, so batches add up.
@@ -140,8 +147,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
   images, labels = batch['image'], batch['label']
   mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
   logits = jnp.stack([
-      state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats[
-          models.depth_name(depth)]}, images, depth=depth, train=False)[0] for depth in depths])
+      depth_logits(state.apply_fn, state.params, state.batch_stats[models.depth_name(depth)],
+                   images, depth) for depth in depths])
   log_probs = jax.nn.log_softmax(logits)
   ce = -jnp.take_along_axis(log_probs, labels[None, :, None], axis=-1)[..., 0]
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
@@ -153,20 +160,19 @@ def trace_guard(fn: Callable[..., Any], max_traces: int, what: str) -> Callable[
   """``fn``, raising AssertionError once jax traces it more than ``max_traces`` times.
 
   Wrap before ``jax.jit``: the body runs only while jax traces, so each run is one
-  (re)compilation. The count belongs to this wrapper. (``chex.assert_max_traces``
-  keys its count by the call site, so every closure made at one place would share it.)
+  (re)compilation; ``.traces`` counts them. The count belongs to this wrapper.
+  (``chex.assert_max_traces`` keys its count by the call site, so every closure made at
+  one place would share it.)
   """
-  traces = 0
-
   @functools.wraps(fn)
   def guarded(*args, **kwargs):
-    nonlocal traces
-    traces += 1
-    if traces > max_traces:
-      raise AssertionError(f'{what} traced {traces} times (max {max_traces}): inputs changed '
-                           'shape, dtype or sharding')
+    guarded.traces += 1
+    if guarded.traces > max_traces:
+      raise AssertionError(f'{what} traced {guarded.traces} times (max {max_traces}): inputs '
+                           'changed shape, dtype or sharding')
     return fn(*args, **kwargs)
 
+  guarded.traces = 0  # How many times jax traced it so far.
   return guarded
 
 

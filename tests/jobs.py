@@ -14,7 +14,29 @@ TINY = ['--config.model.width=4', '--config.data.train_subset=512',
         '--config.train.eval_batch_size=128', '--config.train.log_every_steps=4']
 
 
-def run_main(workdir, *args, wait=True, timeout=600, devices=None, file_size_kb=None):
+def child_env(devices=None, optimized=False):
+  """The test session's environment for a child process; ``devices`` virtual CPU devices
+  instead of 8; ``optimized``: XLA's usual optimisation (tests compile tiny nets at -O0)."""
+  if not devices and not optimized:
+    return None
+  flags = os.environ.get('XLA_FLAGS', '').split()
+  if devices:
+    flags = [f for f in flags if not f.startswith('--xla_force_host_platform_device_count')]
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+  if optimized:
+    flags = [f for f in flags if not f.startswith('--xla_backend_optimization_level')]
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags)}
+
+
+def run_module(module, *args, timeout=600, **env_options):
+  """``python -m ddnn_jax.MODULE ARGS`` from the repository root, output captured."""
+  return subprocess.run([sys.executable, '-m', f'ddnn_jax.{module}', *map(str, args)], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout,
+                        env=child_env(**env_options))
+
+
+def run_main(workdir, *args, wait=True, timeout=600, devices=None, file_size_kb=None,
+             optimized=False):
   """``python -m ddnn_jax.main`` (default config unless --config= is given); with
   ``devices``, on that many virtual CPU devices instead of the test session's 8; with
   ``file_size_kb``, unable to write larger files (as on a full disk)."""
@@ -22,12 +44,7 @@ def run_main(workdir, *args, wait=True, timeout=600, devices=None, file_size_kb=
   cmd = [sys.executable, '-m', 'ddnn_jax.main', *config, f'--workdir={workdir}', *args]
   if file_size_kb:
     cmd = ['bash', '-c', f'ulimit -f {int(file_size_kb)} && exec "$@"', 'bash', *cmd]
-  env = None
-  if devices:
-    flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-             if not f.startswith('--xla_force_host_platform_device_count')]
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-           'XLA_FLAGS': ' '.join([*flags, f'--xla_force_host_platform_device_count={devices}'])}
+  env = child_env(devices, optimized)
   if not wait:
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)

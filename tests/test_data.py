@@ -6,11 +6,13 @@ fine label equals the example index, so batches tell which examples they hold.
 """
 
 import json
+import types
 
 import chex
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 
 from ddnn_jax import data, datasets, prepare
 from test_prepare import write_fake_cifar, write_fake_fashion_mnist
@@ -54,7 +56,9 @@ def normalized_range(name):
 def test_train_batches_shapes_types_ranges(mock_tfds, name, image_size, shape,
                                            num_classes):
   info = data.get_dataset_info(name, None, image_size)
-  assert info == data.DatasetInfo(name, num_classes, shape, NUM_MOCK, NUM_MOCK)
+  assert info == data.DatasetInfo(name, num_classes, shape, NUM_MOCK, NUM_MOCK,
+                                  info.class_names)
+  assert len(info.class_names) == num_classes
 
   it = data.create_train_iterator(name, None, global_batch_size=8, seed=0,
                                   image_size=image_size)
@@ -117,6 +121,9 @@ def test_subset_uses_the_first_examples(cifar100_dir):
 
 @pytest.mark.parametrize('num_workers', [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_state_restore_resumes_identically(cifar100_dir, num_workers):
+  if num_workers:
+    flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags, as in an absl app.
+
   def make(workers=num_workers):
     return data.create_train_iterator('cifar100', cifar100_dir, global_batch_size=8,
                                       seed=5, num_workers=workers)
@@ -131,6 +138,14 @@ def test_state_restore_resumes_identically(cifar100_dir, num_workers):
     assert_batches_equal(want, ref)  # worker processes change nothing
   for iterator in (it, resumed, reference):
     iterator.close()  # ends worker processes
+
+
+def test_worker_processes_outside_an_absl_app_are_a_clear_error(cifar100_dir, monkeypatch):
+  unparsed = types.SimpleNamespace(FLAGS=types.SimpleNamespace(is_parsed=lambda: False))
+  monkeypatch.setattr(data, 'flags', unparsed)
+  with pytest.raises(ValueError, match='num_workers > 0 needs parsed absl flags'):
+    data.create_train_iterator('cifar100', cifar100_dir, global_batch_size=8, seed=5,
+                               num_workers=1)
 
 
 @pytest.mark.parametrize('process_count', [1, 2])
@@ -284,7 +299,9 @@ def test_ensure_prepared_prepares_fashion_mnist(tmp_path, capsys):
   assert data.ensure_prepared('fashion_mnist', data_dir, None) == data_dir
 
   info = data.get_dataset_info('fashion_mnist', data_dir)
-  assert info == data.DatasetInfo('fashion_mnist', 10, (28, 28, 1), 20, 10)
+  assert info == data.DatasetInfo('fashion_mnist', 10, (28, 28, 1), 20, 10, (
+      'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
+      'Bag', 'Ankle boot'))
   batch = next(data.create_train_iterator('fashion_mnist', data_dir,
                                           global_batch_size=4, seed=0))
   chex.assert_shape(batch['image'], (4, 28, 28, 1))

@@ -1,0 +1,162 @@
+"""``DynamicModel``: one shared parameter tree, any of its depths at run time.
+
+  model = ddnn_jax.DynamicModel.load('/tmp/ddnn', depths='trained')
+  prediction = model.predict(pixels, depth=(2, 2, 2))    # or latency_ms=1.0
+  prediction.probabilities, prediction.depth
+
+Each depth has its own compiled apply (``steps.depth_logits``, as evaluation uses) over
+the one parameter tree and its own BatchNorm statistics; switching depth picks another
+compiled function and never recompiles or reloads (a second trace of a depth raises).
+``latency_ms`` picks the most accurate depth, by the accuracy ``ddnn_jax.evaluate``
+measured, whose measured batch-1 latency on this backend fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from ddnn_jax import config_lib, evaluate, inference, models, steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  probabilities: np.ndarray  # [batch, classes]
+  depth: models.Depth
+
+  def top(self, k: int = 5) -> list[list[tuple[int, float]]]:
+    """Per image, the k most probable (class index, probability), most probable first."""
+    order = np.argsort(-self.probabilities, axis=-1)[:, :k]
+    return [[(int(c), float(p[c])) for c in row] for row, p in zip(order, self.probabilities)]
+
+
+def measured(run: inference.TrainedRun) -> tuple[dict[models.Depth, float],
+                                                  dict[models.Depth, float]]:
+  """({depth: evaluated top-1 error (%)}, {depth: batch-1 latency (ms) on this backend}).
+
+  Errors are those ``ddnn_jax.evaluate`` wrote for this checkpoint's step, the
+  validation split's where both exist.
+  """
+  errors = {}
+  for split in ('test', 'validation'):  # Validation wins where both exist.
+    for row in evaluate.read_rows(run.workdir, split):
+      if int(row['step']) == run.step:
+        errors[evaluate.row_depth(row)] = float(row['top1_error'])
+  table = inference.LatencyTable(run.workdir)
+  latencies = {d: table.get(d, 1) for d in errors if table.get(d, 1) is not None}
+  return errors, latencies
+
+
+def choose(run: inference.TrainedRun, depths: Sequence[models.Depth],
+           errors: dict[models.Depth, float], latencies: dict[models.Depth, float],
+           latency_ms: float) -> models.Depth:
+  """The most accurate of ``depths`` whose batch-1 latency is within ``latency_ms``."""
+  known = [d for d in depths if d in errors and d in latencies]
+  if not known:
+    raise config_lib.UsageError(
+        f'no depth of {run.workdir} has both an evaluated accuracy and a measured latency on '
+        f'{inference.backend_key()}: run python -m ddnn_jax.evaluate on it first')
+  fitting = [d for d in known if latencies[d] <= latency_ms]
+  if not fitting:
+    fastest = min(known, key=latencies.get)
+    raise config_lib.UsageError(
+        f'no depth runs within {latency_ms:g} ms: the fastest, {models.format_depth(fastest)}, '
+        f'takes {latencies[fastest]:.2f} ms at batch 1 on {inference.backend_key()}')
+  return min(fitting, key=lambda d: (errors[d], latencies[d]))
+
+
+class DynamicModel:
+  """A trained run's depths, each ready to run, over one parameter tree."""
+
+  def __init__(self, run: inference.TrainedRun, depths: Sequence[models.Depth],
+               batch_stats: dict[models.Depth, Any], errors: dict[models.Depth, float],
+               latencies: dict[models.Depth, float], batch_size: int):
+    self.run = run
+    self.depths = tuple(depths)
+    self.batch_size = batch_size
+    self.class_names = run.class_names()
+    self.errors = errors  # Evaluated top-1 error (%) of the depths that have one.
+    self.latencies = latencies  # Measured ms at batch 1 on this backend.
+    self._params = jax.device_put(run.params)  # The one shared tree.
+    self._stats = {d: jax.device_put(batch_stats[d]) for d in self.depths}
+    self._scale, self._shift = run.spec.normalization()
+    self._guards = {d: steps.trace_guard(
+        lambda params, stats, images, d=d: steps.depth_logits(
+            run.model.apply, params, stats, images, d),
+        1, f'depth {models.format_depth(d)}') for d in self.depths}
+    self._apply = {d: jax.jit(guard) for d, guard in self._guards.items()}
+
+  @property
+  def traces(self) -> dict[models.Depth, int]:
+    """How many times each depth's apply was compiled (at most once)."""
+    return {d: guard.traces for d, guard in self._guards.items()}
+
+  @classmethod
+  def load(cls, workdir: str, depths: str | Sequence[models.DepthSpec] = 'trained',
+           step: str | int = 'latest', batch_size: int = 1,
+           calib_examples: int = inference.DEFAULT_CALIB_EXAMPLES) -> DynamicModel:
+    """Loads ``workdir``'s checkpoint (``step``) with ``depths``: 'trained', 'all',
+    'evaluated' (those with an accuracy and a latency, for ``latency_ms``) or a list of
+    depths (names or block counts); untrained ones get recalibrated BN statistics.
+
+    ``predict`` runs the images in batches of ``batch_size`` (the last one padded), so
+    each depth compiles once. Accuracies come from ``evaluate`` results of this step
+    (validation split first); latencies from ``workdir/latency.json`` on this backend.
+    """
+    run = inference.load_run(workdir, step)
+    errors, latencies = measured(run)
+    if depths == 'evaluated':
+      chosen = [d for d in run.all_depths() if d in errors and d in latencies]
+    elif isinstance(depths, str):
+      chosen = evaluate.parse_depths(run, depths)
+    else:
+      chosen = list(dict.fromkeys(run.resolve(d) for d in depths))
+    if not chosen:
+      raise config_lib.UsageError(f'no depths to load from {workdir}' + (
+          ': none has an evaluated accuracy and latency (run python -m ddnn_jax.evaluate)'
+          if depths == 'evaluated' else ''))
+    stats = {d: inference.stats_for(run, d, calib_examples)[0] for d in chosen}
+    return cls(run, chosen, stats, {d: errors[d] for d in chosen if d in errors},
+               {d: latencies[d] for d in chosen if d in latencies}, batch_size)
+
+  def choose(self, latency_ms: float) -> models.Depth:
+    """The most accurate loaded depth whose measured batch-1 latency is within ``latency_ms``."""
+    return choose(self.run, self.depths, self.errors, self.latencies, latency_ms)
+
+  def logits(self, pixels: np.ndarray, depth: models.DepthSpec) -> np.ndarray:
+    """Logits [batch, classes] of ``depth`` for images [batch, H, W, C] of pixels in
+    [0, 255] (uint8 or float), normalised here as in training."""
+    depth = self.run.resolve(depth)
+    if depth not in self._apply:
+      raise config_lib.UsageError(f'depth {models.format_depth(depth)} was not loaded; loaded: '
+                                  f'{", ".join(map(models.format_depth, self.depths))}')
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 4 or pixels.shape[1:] != self.run.image_shape:
+      raise ValueError(f'images must be [batch, {", ".join(map(str, self.run.image_shape))}], '
+                       f'got {list(pixels.shape)}')
+    images = pixels.astype(np.float32) * self._scale - self._shift
+    n = len(images)
+    padded = -(-n // self.batch_size) * self.batch_size
+    images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), np.float32)])
+    apply = self._apply[depth]
+    out = [np.asarray(apply(self._params, self._stats[depth], images[i:i + self.batch_size]))
+           for i in range(0, padded, self.batch_size)]
+    return np.concatenate(out)[:n]
+
+  def predict(self, pixels: np.ndarray, depth: models.DepthSpec | None = None,
+              latency_ms: float | None = None) -> Prediction:
+    """Class probabilities from ``depth``, or from the best depth within ``latency_ms``
+    (default: the full net if loaded, else the deepest loaded depth)."""
+    if depth is not None and latency_ms is not None:
+      raise ValueError('give depth or latency_ms, not both')
+    if latency_ms is not None:
+      depth = self.choose(latency_ms)
+    elif depth is None:
+      depth = max(self.depths, key=lambda d: (d == self.run.full_depth, sum(d)))
+    depth = self.run.resolve(depth)
+    logits = self.logits(pixels, depth)
+    return Prediction(np.asarray(jax.nn.softmax(logits, axis=-1)), depth)

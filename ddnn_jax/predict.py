@@ -1,0 +1,84 @@
+r"""Classifies image files with a trained run, at a chosen depth or within a latency budget.
+
+  python -m ddnn_jax.predict --workdir W --images a.png b.jpg ... [--depth D | --latency_ms X]
+
+Images are converted to the dataset's channels and input size; the top 5 classes and
+their probabilities are printed per image, with the depth used, and written to
+``--out`` (CSV) if given.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ddnn_jax import cli, config_lib, dynamic, evaluate, inference, models, reporting
+
+
+def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
+  """An image file as pixels [H, W, C] in [0, 255], resized (bilinear) to ``shape``."""
+  if not os.path.isfile(path):
+    raise config_lib.UsageError(f'{path} is not a file')
+  try:
+    with Image.open(path) as image:
+      image = image.convert('L' if shape[2] == 1 else 'RGB')
+      if image.size != (shape[1], shape[0]):
+        image = image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+      pixels = np.asarray(image, np.float32)
+  except (UnidentifiedImageError, OSError) as err:
+    raise config_lib.UsageError(f'{path} is not a readable image ({err})') from None
+  return pixels.reshape(shape)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = cli.ArgumentParser(prog='python -m ddnn_jax.predict',
+                              description=__doc__.split('\n\n')[0])
+  evaluate.add_run_flags(parser)
+  parser.add_argument('--images', nargs='+', required=True, help='PNG or JPEG files')
+  choice = parser.add_mutually_exclusive_group()
+  choice.add_argument('--depth', help='depth to run, e.g. 2-2-2 (default: the full net)')
+  choice.add_argument('--latency_ms', type=cli.positive_float,
+                      help='run the most accurate depth within this batch-1 latency')
+  parser.add_argument('--top', type=cli.positive_int, default=5, help='classes shown per image')
+  parser.add_argument('--out', help='also write the predictions to this CSV file')
+  args = parser.parse_args(argv)
+  if args.out and os.path.isdir(args.out):
+    raise config_lib.UsageError(f'--out {args.out} is a directory')
+
+  # Every image is read before the (slower) model: a bad file fails at once.
+  shape = inference.input_shape(inference.load_config(args.workdir))
+  pixels = np.stack([read_image(path, shape) for path in args.images])
+  if args.latency_ms is not None:
+    # Chosen from the evaluated accuracies and latencies, then only that depth is loaded.
+    model = dynamic.DynamicModel.load(args.workdir, 'evaluated', step=args.step)
+    depth = model.choose(args.latency_ms)
+  else:
+    model = dynamic.DynamicModel.load(args.workdir, [args.depth] if args.depth else 'trained',
+                                      step=args.step)
+    depth = model.depths[0] if args.depth else None
+  prediction = model.predict(pixels, depth=depth)
+  names = model.class_names
+  rows = []
+  print(f'depth {models.format_depth(prediction.depth)}'
+        + (f' (most accurate within {args.latency_ms:g} ms)' if args.latency_ms else ''))
+  for path, top in zip(args.images, prediction.top(args.top), strict=True):
+    shown = ', '.join(f'{names[c]} {p:.1%}' for c, p in top)
+    print(f'{path}: {shown}')
+    rows.append({'image': path, 'depth': models.format_depth(prediction.depth),
+                 **{f'top{i + 1}': names[c] for i, (c, _) in enumerate(top)},
+                 **{f'p{i + 1}': f'{p:.6f}' for i, (_, p) in enumerate(top)}})
+  if args.out:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
+    reporting.atomic_write(args.out, buf.getvalue().encode())
+
+
+if __name__ == '__main__':
+  cli.run(main)

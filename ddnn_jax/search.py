@@ -1,0 +1,231 @@
+r"""Searches a trained run's depth configurations for the best accuracy per FLOP and per ms.
+
+  python -m ddnn_jax.search --workdir W [--max_flops 20M] [--max_latency_ms 3] \
+      [--max_candidates 1000] [--beam 4]
+
+Every depth configuration is a candidate (prod(n_i) of them). Up to ``--max_candidates``
+all are evaluated; larger spaces are searched progressively: from the full net, remove
+one block at a time, keeping at each size the ``--beam`` candidates that lose the least
+accuracy per FLOP saved. Each candidate is evaluated on the validation split (held out
+of training) with its own BN statistics if the run trained it, recalibrated otherwise.
+Writes ``W/search/candidates.csv`` (all), ``pareto.csv`` (the fronts of error against
+FLOPs and against batch-1 latency) and ``pareto.png``, and prints the best depth under
+each budget given. Train the chosen depths further with ``--config.init_from=W``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from etils import epath
+
+from ddnn_jax import cli, config_lib, evaluate, inference, models, profile, reporting
+
+SEARCH_DIR = 'search'
+Scores = Mapping[models.Depth, tuple[float, float]]  # depth -> (top-1 error, FLOPs)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+  """Indices of the points no other point beats: lower or equal cost and error, one lower.
+
+  ``points`` are (cost, error) pairs. Returned by increasing cost.
+  """
+  order = sorted(range(len(points)), key=lambda i: points[i])
+  front, best_error = [], math.inf
+  for i in order:
+    if points[i][1] < best_error:
+      front.append(i)
+      best_error = points[i][1]
+  return front
+
+
+def children(depth: models.Depth) -> list[models.Depth]:
+  """The depths one block smaller: one stage loses its last block (stages keep >= 1)."""
+  return [depth[:s] + (n - 1,) + depth[s + 1:] for s, n in enumerate(depth) if n > 1]
+
+
+def progressive_search(full: models.Depth,
+                       evaluate_fn: Callable[[list[models.Depth]], Scores],
+                       beam: int) -> dict[models.Depth, tuple[float, float]]:
+  """Beam search from the full net down to one block per stage.
+
+  ``evaluate_fn(depths)`` returns {depth: (error, flops)}. At each size, the ``beam``
+  candidates kept are those that add the least error per FLOP saved, relative to the
+  best of their parents. Returns every candidate evaluated.
+  """
+  scores = dict(evaluate_fn([full]))
+  frontier = [full]
+  while True:
+    parents: dict[models.Depth, list[models.Depth]] = {}
+    for parent in frontier:
+      for child in children(parent):
+        parents.setdefault(child, []).append(parent)
+    if not parents:
+      return scores
+    new = [d for d in parents if d not in scores]
+    if new:
+      scores.update(evaluate_fn(new))
+
+    def cost_of_removal(child):
+      error, flops = scores[child]
+      return min((error - scores[p][0]) / max(scores[p][1] - flops, 1) for p in parents[child])
+
+    frontier = sorted(parents, key=lambda d: (cost_of_removal(d), d))[:beam]
+
+
+def parse_flops(text: str) -> float:
+  """'20M', '1.5G', '800K' or a plain number of multiply-adds."""
+  scale = {'K': 1e3, 'M': 1e6, 'G': 1e9}.get(text[-1:].upper(), 1)
+  try:
+    value = float(text[:-1] if scale != 1 else text) * scale
+  except ValueError:
+    value = math.nan
+  if not 0 < value < math.inf:
+    raise cli.ArgumentTypeError(f"a number of multiply-adds like 20M or 1.5G, not {text!r}")
+  return value
+
+
+def best_under(rows: Sequence[Mapping[str, Any]], key: str, budget: float
+               ) -> Mapping[str, Any] | None:
+  fitting = [r for r in rows if float(r[key]) <= budget]
+  return min(fitting, key=lambda r: (float(r['top1_error']), float(r[key]))) if fitting else None
+
+
+def _csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> bytes:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=fields, extrasaction='ignore', lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(rows)
+  return buf.getvalue().encode()
+
+
+def _plot(rows: Sequence[Mapping[str, Any]], fronts: Mapping[str, list[int]],
+          title: str) -> bytes:
+  fig, canvas = reporting.new_figure((11, 4.5))
+  for panel, (key, label) in enumerate((('flops', 'FLOPs (M multiply-adds)'),
+                                        ('latency_ms_batch_1', 'Latency at batch 1 (ms)'))):
+    ax = fig.add_subplot(1, 2, panel + 1)
+    scale = 1e-6 if key == 'flops' else 1.0
+    x = [float(r[key]) * scale for r in rows]
+    y = [float(r['top1_error']) for r in rows]
+    ax.scatter(x, y, s=12, color='0.6', label='candidates', zorder=2)
+    front = fronts[key]
+    ax.plot([x[i] for i in front], [y[i] for i in front], 'o-', color='tab:blue',
+            label='Pareto front', zorder=3)
+    trained = [i for i, r in enumerate(rows) if r['bn'] == 'own']
+    ax.scatter([x[i] for i in trained], [y[i] for i in trained], marker='*', s=150,
+               color='tab:red', label='trained depths', zorder=4)
+    for i in set(front) | set(trained):
+      ax.annotate(rows[i]['depth'], (x[i], y[i]), textcoords='offset points', xytext=(4, 4),
+                  fontsize=7)
+    ax.set_xlabel(label)
+    ax.set_ylabel('Top-1 error (%), validation')
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  return reporting.figure_png(fig, canvas)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = cli.ArgumentParser(prog='python -m ddnn_jax.search',
+                              description=__doc__.split('\n\n')[0])
+  evaluate.add_run_flags(parser)
+  evaluate.add_measure_flags(parser)
+  parser.add_argument('--max_flops', type=parse_flops,
+                      help='print the best depth within this many multiply-adds, e.g. 20M')
+  parser.add_argument('--max_latency_ms', type=cli.positive_float,
+                      help='print the best depth within this latency at batch 1')
+  parser.add_argument('--max_candidates', type=cli.positive_int, default=1000,
+                      help='evaluate every depth configuration up to this many (default 1000)')
+  parser.add_argument('--beam', type=cli.positive_int, default=4,
+                      help='candidates kept per size in a progressive search (default 4)')
+  parser.add_argument('--split', default='validation', choices=('validation', 'test'),
+                      help='validation (default, held out of training) or test')
+  args = parser.parse_args(argv)
+
+  run = inference.load_run(args.workdir, args.step)
+  evaluate.check_split(run, args.split)
+  smallest = (1,) * len(run.full_depth)
+  smallest_flops = profile.profile_subnet(run.model, run.image_shape, smallest).flops
+  if args.max_flops is not None and args.max_flops < smallest_flops:
+    raise config_lib.UsageError(
+        f'--max_flops {args.max_flops / 1e6:g}M is below the smallest depth, '
+        f'{models.format_depth(smallest)}, which needs {smallest_flops / 1e6:.2f}M')
+  latencies = inference.LatencyTable(run.workdir)
+  if args.max_latency_ms is not None:
+    # Timing does not depend on the statistics' values: no recalibration (or writing) yet.
+    fastest = latencies.measure(run, smallest, run.placeholder_stats(smallest), 1,
+                                args.latency_repeats)
+    if args.max_latency_ms < fastest:
+      raise config_lib.UsageError(
+          f'--max_latency_ms {args.max_latency_ms:g} is below the smallest depth, '
+          f'{models.format_depth(smallest)}, which takes {fastest:.2f} ms at batch 1 on '
+          f'{inference.backend_key()}')
+    latencies.save()
+
+  split_batches = inference.SplitCache(run, args.split, args.batch_size)
+  rows_by_depth: dict[models.Depth, dict[str, Any]] = {}
+
+  def evaluate_fn(depths: list[models.Depth]) -> dict[models.Depth, tuple[float, float]]:
+    rows = evaluate.evaluate_depths(run, depths, args.split, args.calib_examples,
+                                    args.batch_size, args.latency_repeats, bar=bar,
+                                    split_batches=split_batches)
+    rows_by_depth.update(zip(depths, rows, strict=True))
+    return {d: (float(rows_by_depth[d]['top1_error']), float(rows_by_depth[d]['flops']))
+            for d in depths}
+
+  space = math.prod(run.full_depth)
+  exhaustive = space <= args.max_candidates
+  with cli.progress(None, f'searching {space} depths' if exhaustive else
+                    f'progressive search (beam {args.beam}) of {space} depths',
+                    total=space if exhaustive else None, unit='depth') as bar:
+    if exhaustive:
+      evaluate_fn(run.all_depths())
+    else:
+      progressive_search(run.full_depth, evaluate_fn, args.beam)
+
+  rows = evaluate.merge_rows([], list(rows_by_depth.values()))
+  fronts = {key: pareto_front([(float(r[key]), float(r['top1_error'])) for r in rows])
+            for key in ('flops', 'latency_ms_batch_1')}
+  for r_index, r in enumerate(rows):
+    r['trained'] = r['bn'] == 'own'
+    r['on_flops_front'] = r_index in fronts['flops']
+    r['on_latency_front'] = r_index in fronts['latency_ms_batch_1']
+  pareto = [{'front': front, **rows[i]} for front, key in (('flops', 'flops'),
+                                                          ('latency', 'latency_ms_batch_1'))
+            for i in fronts[key]]
+  out = epath.Path(args.workdir) / SEARCH_DIR
+  out.mkdir(parents=True, exist_ok=True)
+  fields = [f for f in evaluate.FIELDS if f != 'top1_error_full_net_bn']
+  title = (f'{run.config.model.arch} on {run.config.data.dataset}, step {run.step}: '
+           f'{len(rows)} of {space} depths ({"all" if exhaustive else "progressive"}), '
+           f'{args.split} split, {inference.backend_key()}')
+  reporting.atomic_write(str(out / 'candidates.csv'), _csv(rows, [
+      *fields, 'trained', 'on_flops_front', 'on_latency_front']))
+  reporting.atomic_write(str(out / 'pareto.csv'), _csv(pareto, ['front', *fields]))
+  reporting.atomic_write(str(out / 'pareto.png'), _plot(rows, fronts, title))
+
+  print(title)
+  print(evaluate.format_table([rows[i] for i in fronts['flops']], args.batch_size), end='')
+  budgets = []
+  if args.max_flops is not None:
+    budgets.append((f'<= {args.max_flops / 1e6:g}M FLOPs', 'flops', args.max_flops))
+  if args.max_latency_ms is not None:
+    budgets.append((f'<= {args.max_latency_ms:g} ms at batch 1', 'latency_ms_batch_1',
+                    args.max_latency_ms))
+  for text, key, budget in budgets:
+    best = best_under(rows, key, budget)
+    if best is None:
+      print(f'best {text}: none of the {len(rows)} candidates fits')
+    else:
+      print(f'best {text}: {best["depth"]} with {float(best["top1_error"]):.2f}% error, '
+            f'{int(best["flops"]) / 1e6:.2f}M FLOPs, {float(best["latency_ms_batch_1"]):.2f} ms')
+  print(f'wrote {out / "candidates.csv"}, {out / "pareto.csv"}, {out / "pareto.png"}')
+
+
+if __name__ == '__main__':
+  cli.run(main)
