@@ -1,68 +1,169 @@
-"""Cost of one training step per mode, as ratios measured in one run.
+"""What one training step costs, per mode, as ratios measured in one run.
 
   python bench/train_step.py [--arch resnet56 --subnets resnet44,resnet32 --batch 128]
+      [--modes individual,ddnn,ekd] [--rounds 5 --steps 5] [--devices 2]
+      [--xla_flags "--xla_cpu_..."] [--remat] [--compare_remat] [--out FILE.md]
 
-Prints the median step time of `individual` (full net alone), `ddnn`, `ipkd` and `ekd`
-and each mode's ratio to the full net alone. The paper's claim to check: EKD costs
-about what training all depths with hard labels costs (the distillation terms are
-cheap next to the extra forward/backward passes), i.e. ekd/ddnn close to 1.
+For each mode (and each depth of the set trained alone, `individual <depth>`) it reports:
+img/s (median over alternating rounds), the FLOPs of the compiled step (XLA's
+cost_analysis) and the FLOP/s achieved, peak memory of the step (memory_analysis:
+arguments + outputs + temporaries - donated), compile time, and the step time relative
+to the full net trained alone and to the sum of all depths trained alone. The EKD step
+without the shared trunk (each depth its own forward pass) is measured as well, for the
+speed-up of the shared trunk. Nothing here is asserted: it measures and prints.
 """
 
+from __future__ import annotations
+
 import argparse
+import os
 import statistics
+import sys
 import time
 
-import jax
-import numpy as np
-import optax
 
-from ddnn_jax import models, steps
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--arch', default='resnet20')
+  parser.add_argument('--subnets', default='2-2-2,1-1-1',
+                      help='comma-separated depths: names or dash-separated block counts')
+  parser.add_argument('--width', type=int, default=0, help='0: the standard width')
+  parser.add_argument('--image', type=int, default=32)
+  parser.add_argument('--channels', type=int, default=3)
+  parser.add_argument('--classes', type=int, default=10)
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--modes', default='individual,ddnn,ekd',
+                      help='modes to measure; individual = every depth trained alone')
+  parser.add_argument('--rounds', type=int, default=5, help='alternating rounds (median)')
+  parser.add_argument('--steps', type=int, default=5, help='steps timed per round')
+  parser.add_argument('--devices', type=int, default=1,
+                      help='CPU devices (the batch is sharded over them)')
+  parser.add_argument('--xla_flags', default='', help='extra XLA_FLAGS for this run')
+  parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--remat', action='store_true', help='model.remat for every step')
+  parser.add_argument('--compare_remat', action='store_true',
+                      help='also measure the EKD step with model.remat (memory vs time)')
+  parser.add_argument('--no_per_depth', action='store_true',
+                      help='skip the EKD step without the shared trunk')
+  parser.add_argument('--out', help='also write the table (Markdown) here')
+  return parser.parse_args()
 
 
-def time_mode(model, arch, subnets, mode, batch, image_shape, repeats):
-  depths = models.depth_set(arch, [] if mode == 'individual' else subnets)
+ARGS = parse_args()
+# XLA reads its flags once, when jax starts: set them before importing it.
+os.environ['XLA_FLAGS'] = ' '.join(filter(None, [
+    os.environ.get('XLA_FLAGS', ''), ARGS.xla_flags,
+    f'--xla_force_host_platform_device_count={ARGS.devices}' if ARGS.devices > 1 else '']))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from ddnn_jax import models, parallel, profile, steps  # noqa: E402
+
+
+def compile_step(model, depths, mode, batch, image_shape, shared_trunk, mesh):
+  """(compiled train step, state, batch, compile seconds, cost and memory analyses)."""
   state = steps.create_train_state(jax.random.key(0), model, depths,
                                    optax.sgd(0.01, momentum=0.9), image_shape)
-  train, _ = steps.jit_steps(depths, mode, steps.LossWeights(alpha=100.0))
+  state = parallel.replicate(state, mesh)
   rng = np.random.default_rng(0)
   data = {'image': rng.normal(size=(batch, *image_shape)).astype(np.float32),
           'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
-  data = jax.device_put(data)
-  state, metrics = train(state, data)  # Compile.
+  data = parallel.shard_batch(data, mesh)
+  train, _ = steps.jit_steps(depths, mode, steps.LossWeights(alpha=100.0), mesh=mesh,
+                             shared_trunk=shared_trunk)
+  start = time.perf_counter()
+  compiled = train.lower(state, data).compile()
+  compile_s = time.perf_counter() - start
+  flops = compiled.cost_analysis()['flops']
+  memory = compiled.memory_analysis()
+  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  state, metrics = compiled(state, data)  # Warm-up.
   jax.block_until_ready(metrics)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, metrics = train(state, data)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return {'step': compiled, 'state': state, 'data': data, 'compile_s': compile_s,
+          'flops': flops, 'peak_bytes': peak, 'times': []}
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--arch', default='resnet20')
-  parser.add_argument('--subnets', default='1-1-1,2-2-2',
-                      help='comma-separated depths: names or dash-separated block counts')
-  parser.add_argument('--width', type=int, default=8)
-  parser.add_argument('--image', type=int, default=32)
-  parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--repeats', type=int, default=10)
-  args = parser.parse_args()
-  subnets = models.parse_depths(args.subnets)
-  model = models.create_model(args.arch, 10, width=args.width)
-  image_shape = (args.image, args.image, 3)
-  print(f'{args.arch} width {args.width}, sub-nets {args.subnets}, batch {args.batch}, '
-        f'{image_shape[0]}x{image_shape[1]}, {jax.devices()[0].platform}')
-  results = {mode: time_mode(model, args.arch, subnets, mode, args.batch, image_shape,
-                             args.repeats)
-             for mode in ('individual', 'ddnn', 'ipkd', 'ekd')}
-  base = results['individual']
-  print('| mode | step (ms) | / full net alone |')
-  print('|---|---|---|')
-  for mode, seconds in results.items():
-    print(f'| {mode} | {1e3 * seconds:.1f} | {seconds / base:.2f} |')
-  print(f'ekd / ddnn = {results["ekd"] / results["ddnn"]:.3f}')
+  subnets = models.parse_depths(ARGS.subnets)
+  dtype = jnp.dtype(ARGS.dtype)
+  image_shape = (ARGS.image, ARGS.image, ARGS.channels)
+  mesh = parallel.create_mesh()
+  depths = models.depth_set(ARGS.arch, subnets)
+
+  def model(remat=ARGS.remat):
+    return models.create_model(ARGS.arch, ARGS.classes, width=ARGS.width or None, dtype=dtype,
+                               remat=remat)
+
+  # name -> (depths, mode, shared trunk, remat)
+  configs = {}
+  for mode in ARGS.modes.split(','):
+    if mode == 'individual':
+      for depth in depths:
+        configs[f'individual {models.format_depth(depth)}'] = ((depth,), 'individual', True,
+                                                                ARGS.remat)
+    else:
+      configs[mode] = (depths, mode, True, ARGS.remat)
+  if 'ekd' in configs and not ARGS.no_per_depth:
+    configs['ekd, no shared trunk'] = (depths, 'ekd', False, ARGS.remat)
+  if 'ekd' in configs and ARGS.compare_remat:
+    configs['ekd, remat' if not ARGS.remat else 'ekd, no remat'] = (depths, 'ekd', True,
+                                                                   not ARGS.remat)
+
+  print(f'{ARGS.arch} width {ARGS.width or "standard"}, sub-nets {ARGS.subnets}, batch '
+        f'{ARGS.batch}, {image_shape[0]}x{image_shape[1]}x{image_shape[2]}, {ARGS.dtype}, '
+        f'{jax.device_count()} {jax.devices()[0].platform} device(s), XLA_FLAGS='
+        f'{os.environ["XLA_FLAGS"]!r}', flush=True)
+  runs = {}
+  for name, (d, mode, shared, remat) in configs.items():
+    runs[name] = compile_step(model(remat), d, mode, ARGS.batch, image_shape, shared, mesh)
+    print(f'  compiled {name}: {runs[name]["compile_s"]:.1f} s', flush=True)
+  # Alternating rounds: slow drifts of the machine (heat, other load) hit every config.
+  for _ in range(ARGS.rounds):
+    for run in runs.values():
+      start = time.perf_counter()
+      state = run['state']
+      for _ in range(ARGS.steps):
+        state, metrics = run['step'](state, run['data'])
+      jax.block_until_ready(metrics)
+      run['state'] = state
+      run['times'].append((time.perf_counter() - start) / ARGS.steps)
+
+  seconds = {name: statistics.median(run['times']) for name, run in runs.items()}
+  full = f'individual {models.format_depth(depths[0])}'
+  alone = [f'individual {models.format_depth(d)}' for d in depths]
+  base = seconds.get(full)
+  total = sum(seconds[n] for n in alone) if all(n in seconds for n in alone) else None
+  total_flops = sum(runs[n]['flops'] for n in alone) if total else None
+  forward = profile.shared_trunk_flops(model(), image_shape, depths) / sum(
+      profile.profile_subnet(model(), image_shape, d).flops for d in depths)
+  lines = [
+      '| step | ms | img/s | GFLOP/step | GFLOP/s | peak MiB | compile s | / full alone | '
+      '/ sum alone | FLOPs / sum alone |',
+      '|---|---|---|---|---|---|---|---|---|---|']
+  for name, run in runs.items():
+    s = seconds[name]
+    cells = [name, f'{1e3 * s:.1f}', f'{ARGS.batch / s:.0f}', f'{run["flops"] / 1e9:.2f}',
+             f'{run["flops"] / s / 1e9:.1f}', f'{run["peak_bytes"] / 2**20:.0f}',
+             f'{run["compile_s"]:.1f}', f'{s / base:.3f}' if base else '-',
+             f'{s / total:.3f}' if total else '-',
+             f'{run["flops"] / total_flops:.3f}' if total else '-']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  table = '\n'.join(lines)
+  print(table)
+  notes = [f'forward multiply-adds of the shared trunk / sum of the depths alone: {forward:.3f}']
+  if 'ekd' in seconds and 'ekd, no shared trunk' in seconds:
+    notes.append(f'shared-trunk speed-up of the EKD step: '
+                 f'{seconds["ekd, no shared trunk"] / seconds["ekd"]:.2f}x')
+  for line in notes:
+    print(line)
+  if ARGS.out:
+    with open(ARGS.out, 'w', encoding='utf-8') as f:
+      f.write(' '.join(sys.argv) + '\n\n' + table + '\n\n' + '\n'.join(notes) + '\n')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """Orbax checkpoints of a run: train state plus data-iterator position, finite states only.
 
-``workdir/checkpoints/<step>/`` holds ``state`` (step, params, optimizer state, every
+``Checkpointer`` saves and restores a training run; ``restore_variables`` reads one
+checkpoint for inference. ``workdir/checkpoints/<step>/`` holds ``state`` (step, params, optimizer state, every
 depth's BN statistics), ``data`` (the train iterator's position) and, for evaluated
 steps, ``metrics`` (eval accuracy per depth and their mean). The latest
 ``keep`` checkpoints are kept, plus the best by mean eval accuracy, across resumes.
@@ -17,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ddnn_jax import divergence
 from ddnn_jax.config_lib import UsageError
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -65,17 +67,50 @@ def is_finite(tree) -> bool:
   return bool(np.asarray(jax.device_get(_all_finite(tree))))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict[str, Any],
-         metrics: dict[str, float] | None = None) -> None:
-  """Saves asynchronously; CheckpointError (one line) if the write fails.
+class Checkpointer:
+  """A run's checkpoints: saves only finite states, reports failed writes in one line."""
 
-  The caller checks finiteness first: a non-finite state must never replace a good one.
-  """
-  try:
-    manager.save(step, metrics=metrics, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state_items(state)), data=ocp.args.JsonSave(data_state)))
-  except Exception as err:  # noqa: BLE001 - disk full, permissions, remote storage errors.
-    raise write_error(manager, step, err) from None
+  def __init__(self, workdir: str | os.PathLike, keep: int):
+    self.manager = create_manager(workdir, keep)
+    self._last_saved: int | None = None  # The step of the latest write started.
+
+  @property
+  def directory(self) -> str:
+    return str(self.manager.directory)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, state):
+    return restore_train_state(self.manager, state)
+
+  def save(self, step: int, state, data_state: dict[str, Any],
+           metrics: dict[str, float] | None = None) -> None:
+    """Saves asynchronously. A non-finite state is never saved (divergence.Diverged, with
+    the last good checkpoint); a failed write is a CheckpointError."""
+    if not is_finite(state_items(state)):
+      raise divergence.Diverged(divergence.diverged_message(
+          step, ['train state'], self.latest_step(), self.directory))
+    self._last_saved = step
+    try:
+      self.manager.save(step, metrics=metrics, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_items(state)), data=ocp.args.JsonSave(data_state)))
+    except Exception as err:  # noqa: BLE001 - disk full, permissions, remote storage errors.
+      raise write_error(self.manager, step, err) from None
+
+  def wait(self) -> None:
+    """Waits for pending writes; CheckpointError (one line) if one failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as err:  # noqa: BLE001 - failures of the background write surface here.
+      raise write_error(self.manager, self._last_saved, err) from None
+
+  def close(self) -> None:
+    """Waits for pending writes (CheckpointError if one failed), then closes."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def write_error(manager: ocp.CheckpointManager, step: int | None,
@@ -88,15 +123,6 @@ def write_error(manager: ocp.CheckpointManager, step: int | None,
   cause = text.splitlines()[0].rsplit(': ', 1)[-1][:200] if text else type(err).__name__
   which = f'checkpoint {step}' if step is not None else 'a checkpoint'
   return CheckpointError(f'cannot write {which} to {manager.directory} ({cause}); {kept}')
-
-
-def wait(manager: ocp.CheckpointManager, step: int | None = None) -> None:
-  """Waits for pending writes (``step``: the last one started); CheckpointError (one
-  line) if one failed."""
-  try:
-    manager.wait_until_finished()
-  except Exception as err:  # noqa: BLE001 - failures of the background write surface here.
-    raise write_error(manager, step, err) from None
 
 
 def restore_train_state(manager: ocp.CheckpointManager, state):

@@ -225,6 +225,16 @@ def results_rows(names: Sequence[str], depths: Sequence[Any],
   return rows
 
 
+def depth_results(arch: str, profiles: Sequence[Any], top1_acc: Sequence[float]
+                  ) -> list[dict[str, Any]]:
+  """The results rows of a run's depths (full net first): each named after the net it
+  equals ('resnet32'), else 'sub<k>' ('single' for a lone unnamed depth)."""
+  names = [models.depth_label(arch, p.depth) or (f'sub{k}' if k else 'single')
+           for k, p in enumerate(profiles)]
+  return results_rows(names, [p.depth for p in profiles], [p.params for p in profiles],
+                      [p.flops for p in profiles], top1_acc)
+
+
 def format_markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   """Formats rows as a markdown table, with params and FLOPs in millions."""
   lines = [

@@ -21,8 +21,8 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from ddnn_jax import (checkpoints, config_lib, data, divergence, models, optim, parallel,
-                      preemption, profile, reporting, steps, workdir as workdir_lib)
+from ddnn_jax import (checkpoints, config_lib, data, divergence, optim, parallel, preemption,
+                      profile, reporting, steps, workdir as workdir_lib)
 
 
 def evaluate(eval_step, state: steps.TrainState, config: ml_collections.ConfigDict,
@@ -75,9 +75,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with workdir_lib.claim(workdir, config), preemption.StopSignals() as stop_signals:
     mesh = parallel.create_mesh()
     learning_rate = optim.create_learning_rate_fn(config, run.steps_per_epoch)
-    manager = checkpoints.create_manager(workdir, config.train.keep_checkpoints)
+    checkpointer = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints)
     state = parallel.replicate(initial_state(config, run, learning_rate), mesh)
-    state, data_state = checkpoints.restore_train_state(manager, state)
+    state, data_state = checkpointer.restore(state)
     start = int(parallel.fetch(state.step))
     train_step, eval_step = steps.jit_steps(
         run.depths, config.mode, steps.LossWeights.from_config(config),
@@ -116,17 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write_scalars(step, reporting.train_scalars(mean, names, learning_rate(step - 1)))
       bar.set_postfix(loss=f'{mean["loss"]:.3f}',
                       acc='/'.join(f'{a:.2f}' for a in mean['accuracy']))
-      divergence.check(step, mean, names, manager.latest_step(), str(manager.directory))
-
-    last_saved = None
-
-    def save(step: int, metrics: dict[str, float] | None = None) -> None:
-      nonlocal last_saved
-      if not checkpoints.is_finite(state):
-        raise divergence.Diverged(divergence.diverged_message(
-            step, ['train state'], manager.latest_step(), str(manager.directory)))
-      last_saved = step
-      checkpoints.save(manager, step, state, train_iter.get_state(), metrics)
+      divergence.check(step, mean, names, checkpointer.latest_step(), checkpointer.directory)
 
     try:
       for step in range(start + 1, run.num_steps + 1):
@@ -149,30 +139,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             bar.write(f'epoch {epoch}: top-1 ' + ', '.join(
                 f'{n} {a:.2%}' for n, a in zip(names, eval_result['accuracy'])))
         if save_now:
-          save(step, checkpoint_metrics)
+          checkpointer.save(step, state, train_iter.get_state(), checkpoint_metrics)
         reason = stop_signals.requested()
         if reason and not is_last:
           log_pending(step)
           if not save_now:
-            save(step)
-          checkpoints.wait(manager, last_saved)
+            checkpointer.save(step, state, train_iter.get_state())
+          checkpointer.wait()
           raise preemption.Preempted(step, reason)
     finally:
       bar.close()
       train_iter.close()  # Stops grain's worker processes, if any.
       writer.close()
-      try:
-        checkpoints.wait(manager, last_saved)
-      finally:
-        manager.close()
+      checkpointer.close()
 
     if eval_result is None:  # Resumed a finished run.
       eval_result = evaluate(eval_step, state, config, run, mesh)
-    rows = reporting.results_rows(
-        [models.depth_label(config.model.arch, d) or (f'sub{k}' if k else 'single')
-         for k, d in enumerate(run.depths)],
-        [p.depth for p in profiles], [p.params for p in profiles], [p.flops for p in profiles],
-        eval_result['accuracy'])
+    rows = reporting.depth_results(config.model.arch, profiles, eval_result['accuracy'])
     if is_main:
       reporting.write_results(workdir, rows, title=f'{config.mode}: {config.model.arch} on '
                               f'{config.data.dataset}, {run.num_steps} steps')

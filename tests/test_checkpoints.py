@@ -4,15 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddnn_jax import checkpoints
+from ddnn_jax import checkpoints, divergence
 
 
 class _State:
   """The fields of a TrainState a checkpoint holds."""
 
-  def __init__(self, value):
-    self.step = jnp.asarray(int(value))
-    self.params = {'w': jnp.full((3,), value, jnp.float32)}
+  def __init__(self, step, value=None):
+    self.step = jnp.asarray(step)
+    self.params = {'w': jnp.full((3,), step if value is None else value, jnp.float32)}
     self.opt_state = ()
     self.batch_stats = {'3-3-3': {'mean': jnp.zeros(2)}}
 
@@ -26,25 +26,30 @@ def test_is_finite_checks_every_float_leaf():
 
 def test_best_checkpoint_survives_a_restart(tmp_path):
   accuracies = {1: 0.5, 2: 0.9, 3: None, 4: 0.7}
-  manager = checkpoints.create_manager(tmp_path, keep=1)
+  checkpointer = checkpoints.Checkpointer(tmp_path, keep=1)
   for step, accuracy in accuracies.items():
-    checkpoints.save(manager, step, _State(step), {'position': step},
-                     None if accuracy is None else {'mean_accuracy': accuracy})
-  checkpoints.wait(manager)
-  assert manager.all_steps() == [2, 4]  # The latest and the best.
-  manager.close()
+    checkpointer.save(step, _State(step), {'position': step},
+                      None if accuracy is None else {'mean_accuracy': accuracy})
+  checkpointer.wait()
+  assert checkpointer.manager.all_steps() == [2, 4]  # The latest and the best.
+  checkpointer.close()
   # A resumed run: its first saves must not drop step 2, the best so far.
-  manager = checkpoints.create_manager(tmp_path, keep=1)
-  assert checkpoints.resolve_step(manager, 'best') == 2
+  checkpointer = checkpoints.Checkpointer(tmp_path, keep=1)
+  assert checkpoints.resolve_step(checkpointer.manager, 'best') == 2
   for step, accuracy in ((5, 0.1), (6, None)):
-    checkpoints.save(manager, step, _State(step), {'position': step},
-                     None if accuracy is None else {'mean_accuracy': accuracy})
-  checkpoints.wait(manager)
-  assert manager.all_steps() == [2, 6]
-  assert checkpoints.resolve_step(manager, 'latest') == 6
+    checkpointer.save(step, _State(step), {'position': step},
+                      None if accuracy is None else {'mean_accuracy': accuracy})
+  checkpointer.wait()
+  assert checkpointer.manager.all_steps() == [2, 6]
+  assert checkpoints.resolve_step(checkpointer.manager, 'latest') == 6
   with pytest.raises(checkpoints.CheckpointError, match='has no checkpoint 3; it has 2, 6'):
-    checkpoints.resolve_step(manager, 3)
-  manager.close()
+    checkpoints.resolve_step(checkpointer.manager, 3)
+  # A state that is not finite is never saved.
+  with pytest.raises(divergence.Diverged, match='non-finite train state; the last good '
+                     'checkpoint is step 6'):
+    checkpointer.save(7, _State(7, float('nan')), {'position': 7})
+  checkpointer.close()
+  assert checkpointer.manager.all_steps() == [2, 6]
   step, params, stats = checkpoints.restore_variables(tmp_path, 'best')
   assert step == 2
   np.testing.assert_array_equal(params['w'], [2.0, 2.0, 2.0])
