@@ -64,6 +64,20 @@ def test_every_config_file_and_group_is_covered():
     assert covered == set(module.GROUPS), name
 
 
+def _untyped_none_fields(config, prefix=''):
+  """Fields holding None with no type: `--config.x=...` cannot override them."""
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      yield from _untyped_none_fields(value, f'{prefix}{key}.')
+    elif value is None and config.get_type(key) is type(None):
+      yield prefix + key
+
+
+@pytest.mark.parametrize('spec', [spec for spec, _ in PRESETS])
+def test_every_field_of_every_preset_can_be_overridden(spec):
+  assert list(_untyped_none_fields(load(spec))) == []
+
+
 @pytest.mark.parametrize('spec,depths', PRESETS)
 def test_presets_validate_and_profile_their_sizes(spec, depths, capsys):
   config = load(spec)
