@@ -6,6 +6,7 @@ import signal
 import time
 
 import chex
+import jax
 import numpy as np
 import pytest
 
@@ -215,5 +216,16 @@ def test_two_processes_run_the_job_like_one(tmp_path, fashion_mnist_dir):
     assert a['depth'] == b['depth'] and a['params'] == b['params']
     assert abs(float(a['top1_error']) - float(b['top1_error'])) <= 100 / 256 + 1e-6
   # The checkpoint both processes wrote together holds the single-process state.
-  chex.assert_trees_all_close(restore_state(workdir, 4), restore_state(tmp_path / 'single', 4),
-                              rtol=1e-4, atol=1e-6)
+  multi, single = restore_state(workdir, 4), restore_state(tmp_path / 'single', 4)
+  assert multi['step'] == single['step'] == 4
+  for part in ('params', 'batch_stats'):
+    chex.assert_trees_all_close(multi[part], single[part], rtol=1e-4, atol=1e-6)
+  # The momentum is a sum of raw gradients. The EKD gradients of the blocks every depth
+  # shares are sums of nearly cancelling terms: in float32 they differ from float64 by
+  # about 5e-4 (relative, bench/README.md), so two all-reduce orders differ by that much.
+  # A process on the wrong data shard moves them by O(1).
+  multi_trace, single_trace = jax.tree.leaves(multi['opt_state']), jax.tree.leaves(
+      single['opt_state'])
+  assert len(multi_trace) == len(single_trace) > 0
+  for a, b in zip(multi_trace, single_trace, strict=True):
+    assert np.linalg.norm(a - b) <= 2e-3 * np.linalg.norm(b) + 1e-7
