@@ -63,7 +63,8 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
   input errors) ends as one ``error:`` line with exit code 2."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it reads, tfds its decoder.
-  from ddnn_jax import config_lib, data  # pylint: disable=g-import-not-at-top
+  from ddnn_jax import config_lib, cpu_defaults, data  # pylint: disable=g-import-not-at-top
+  cpu_defaults.apply()
   try:
     main(argv)
   except (config_lib.UsageError, data.DataError) as err:

@@ -17,6 +17,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ddnn_jax import cpu_defaults
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host GPU).')
@@ -63,6 +65,7 @@ def main(argv: list[str]) -> None:
     fail('both --config and --workdir are required, e.g. '
          '--config configs/default.py --workdir /tmp/ddnn')
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, tfds its decoder.
+  cpu_defaults.apply(training=True)
   # Imported after flag parsing: jax must not initialise before jax.distributed does.
   # pylint: disable-next=g-import-not-at-top
   from ddnn_jax import config_lib, data, divergence, parallel, preemption, train
@@ -80,4 +83,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  cpu_defaults.reexec_with_tcmalloc()
   app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,60 @@
+"""The CPU defaults the command-line tools apply: set only what the user did not, and off
+with DDNN_JAX_CPU_DEFAULTS=0. Each case runs in a fresh process (jax reads them at start)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ddnn_jax import cpu_defaults
+
+PROBE = """
+import json, os, sys
+from ddnn_jax import cpu_defaults
+cpu_defaults.reexec_with_tcmalloc()
+cpu_defaults.apply(training=sys.argv[1] == 'train')
+import jax
+maps = open('/proc/self/maps').read()
+print(json.dumps({'xla_flags': os.environ.get('XLA_FLAGS', ''), 'devices': jax.device_count(),
+                  'pid': os.getpid(), 'tcmalloc': 'libtcmalloc' in maps}))
+"""
+
+
+def probe(mode='train', **env):
+  base = {k: v for k, v in os.environ.items()
+          if k not in ('XLA_FLAGS', 'LD_PRELOAD', 'DDNN_JAX_CPU_DEFAULTS', 'DDNN_JAX_REEXEC')}
+  result = subprocess.run([sys.executable, '-c', PROBE, mode], capture_output=True, text=True,
+                          env={**base, 'JAX_PLATFORMS': 'cpu', **env}, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_training_gets_ynn_fusion_two_devices_and_tcmalloc():
+  seen = probe('train')
+  assert cpu_defaults.YNN_FUSION in seen['xla_flags'].split()
+  cores = len(os.sched_getaffinity(0))
+  assert seen['devices'] == (cpu_defaults.TRAINING_DEVICES if cores >= 2 else 1)
+  installed = any(os.path.exists(p) for p in cpu_defaults.TCMALLOC_PATHS)
+  assert seen['tcmalloc'] == installed
+
+
+def test_other_tools_keep_one_device():
+  seen = probe('eval')
+  assert cpu_defaults.YNN_FUSION in seen['xla_flags'].split()
+  assert seen['devices'] == 1
+
+
+def test_the_users_settings_are_kept():
+  seen = probe('train', XLA_FLAGS='--xla_cpu_experimental_ynn_fusion_type= '
+                                  '--xla_force_host_platform_device_count=3')
+  assert seen['xla_flags'].split() == ['--xla_cpu_experimental_ynn_fusion_type=',
+                                       '--xla_force_host_platform_device_count=3']
+  assert seen['devices'] == 3
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_switched_off(mode):
+  seen = probe(mode, DDNN_JAX_CPU_DEFAULTS='0')
+  assert seen == {**seen, 'xla_flags': '', 'devices': 1, 'tcmalloc': False}
