@@ -16,6 +16,7 @@ speed-up of the shared trunk. Nothing here is asserted: it measures and prints.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -36,8 +37,8 @@ def parse_args():
                       help='modes to measure; individual = every depth trained alone')
   parser.add_argument('--rounds', type=int, default=5, help='alternating rounds (median)')
   parser.add_argument('--steps', type=int, default=5, help='steps timed per round')
-  parser.add_argument('--devices', type=int, default=1,
-                      help='CPU devices (the batch is sharded over them)')
+  parser.add_argument('--devices', type=int, default=0,
+                      help="CPU devices (the batch is sharded over them); 0: ddnn_jax's default")
   parser.add_argument('--xla_flags', default='', help='extra XLA_FLAGS for this run')
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--remat', action='store_true', help='model.remat for every step')
@@ -46,15 +47,21 @@ def parse_args():
   parser.add_argument('--no_per_depth', action='store_true',
                       help='skip the EKD step without the shared trunk')
   parser.add_argument('--out', help='also write the table (Markdown) here')
+  parser.add_argument('--json', help='also append one JSON line per step measured here')
   return parser.parse_args()
 
 
 ARGS = parse_args()
-# XLA reads its flags once, when jax starts: set them before importing it.
+# XLA reads its flags once, when jax starts: set them before it does.
 os.environ['XLA_FLAGS'] = ' '.join(filter(None, [
     os.environ.get('XLA_FLAGS', ''), ARGS.xla_flags,
-    f'--xla_force_host_platform_device_count={ARGS.devices}' if ARGS.devices > 1 else '']))
+    f'--xla_force_host_platform_device_count={ARGS.devices}' if ARGS.devices else '']))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddnn_jax import cpu_defaults  # noqa: E402
+
+# As python -m ddnn_jax.main does (DDNN_JAX_CPU_DEFAULTS=0: neither).
+cpu_defaults.reexec_with_tcmalloc()
+cpu_defaults.apply(training=True)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -104,20 +111,21 @@ def main():
   for mode in ARGS.modes.split(','):
     if mode == 'individual':
       for depth in depths:
-        configs[f'individual {models.format_depth(depth)}'] = ((depth,), 'individual', True,
-                                                                ARGS.remat)
+        name = f'individual {models.format_depth(depth)}'
+        configs[name] = ((depth,), 'individual', True, ARGS.remat)
     else:
       configs[mode] = (depths, mode, True, ARGS.remat)
   if 'ekd' in configs and not ARGS.no_per_depth:
     configs['ekd, no shared trunk'] = (depths, 'ekd', False, ARGS.remat)
   if 'ekd' in configs and ARGS.compare_remat:
-    configs['ekd, remat' if not ARGS.remat else 'ekd, no remat'] = (depths, 'ekd', True,
-                                                                   not ARGS.remat)
+    name = 'ekd, no remat' if ARGS.remat else 'ekd, remat'
+    configs[name] = (depths, 'ekd', True, not ARGS.remat)
 
   print(f'{ARGS.arch} width {ARGS.width or "standard"}, sub-nets {ARGS.subnets}, batch '
         f'{ARGS.batch}, {image_shape[0]}x{image_shape[1]}x{image_shape[2]}, {ARGS.dtype}, '
         f'{jax.device_count()} {jax.devices()[0].platform} device(s), XLA_FLAGS='
-        f'{os.environ["XLA_FLAGS"]!r}', flush=True)
+        f'{os.environ["XLA_FLAGS"]!r}, LD_PRELOAD={os.environ.get("LD_PRELOAD", "")!r}',
+        flush=True)
   runs = {}
   for name, (d, mode, shared, remat) in configs.items():
     runs[name] = compile_step(model(remat), d, mode, ARGS.batch, image_shape, shared, mesh)
@@ -164,6 +172,14 @@ def main():
   if ARGS.out:
     with open(ARGS.out, 'w', encoding='utf-8') as f:
       f.write(' '.join(sys.argv) + '\n\n' + table + '\n\n' + '\n'.join(notes) + '\n')
+  if ARGS.json:
+    with open(ARGS.json, 'a', encoding='utf-8') as f:
+      for name, run in runs.items():
+        f.write(json.dumps({
+            'step': name, 'step_s': seconds[name], 'img_per_s': ARGS.batch / seconds[name],
+            'flops': run['flops'], 'peak_bytes': run['peak_bytes'],
+            'compile_s': run['compile_s'], 'times': run['times'],
+            'xla_flags': os.environ['XLA_FLAGS'], 'devices': jax.device_count()}) + '\n')
 
 
 if __name__ == '__main__':
