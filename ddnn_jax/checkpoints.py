@@ -1,9 +1,9 @@
 """Orbax checkpoints of a run: train state plus data-iterator position, finite states only.
 
 ``Checkpointer`` saves and restores a training run; ``restore_variables`` reads one
-checkpoint for inference. ``workdir/checkpoints/<step>/`` holds ``state`` (step, params, optimizer state, every
-depth's BN statistics), ``data`` (the train iterator's position) and, for evaluated
-steps, ``metrics`` (eval accuracy per depth and their mean). The latest
+checkpoint for inference. ``workdir/checkpoints/<step>/`` holds ``state`` (step, params,
+optimizer state, every depth's BN statistics), ``data`` (the train iterator's position)
+and, for evaluated steps, ``metrics`` (eval accuracy per depth and their mean). The latest
 ``keep`` checkpoints are kept, plus the best by mean eval accuracy, across resumes.
 """
 

@@ -34,8 +34,8 @@ class Prediction:
     return [[(int(c), float(p[c])) for c in row] for row, p in zip(order, self.probabilities)]
 
 
-def measured(run: inference.TrainedRun) -> tuple[dict[models.Depth, float],
-                                                  dict[models.Depth, float]]:
+def measured(
+    run: inference.TrainedRun) -> tuple[dict[models.Depth, float], dict[models.Depth, float]]:
   """({depth: evaluated top-1 error (%)}, {depth: batch-1 latency (ms) on this backend}).
 
   Errors are those ``ddnn_jax.evaluate`` wrote for this checkpoint's step, the

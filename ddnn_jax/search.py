@@ -195,9 +195,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     r['trained'] = r['bn'] == 'own'
     r['on_flops_front'] = r_index in fronts['flops']
     r['on_latency_front'] = r_index in fronts['latency_ms_batch_1']
-  pareto = [{'front': front, **rows[i]} for front, key in (('flops', 'flops'),
-                                                          ('latency', 'latency_ms_batch_1'))
-            for i in fronts[key]]
+  axes = (('flops', 'flops'), ('latency', 'latency_ms_batch_1'))
+  pareto = [{'front': front, **rows[i]} for front, key in axes for i in fronts[key]]
   out = epath.Path(args.workdir) / SEARCH_DIR
   out.mkdir(parents=True, exist_ok=True)
   fields = [f for f in evaluate.FIELDS if f != 'top1_error_full_net_bn']

@@ -58,8 +58,8 @@ def test_table_in_the_papers_layout_with_seeds_and_best_marks(runs, tmp_path, ca
   assert len(rows) == 9
   ekd_small = [r for r in rows if r['depth'] == '[1,1,1]' and r['mode'] == 'ekd'][0]
   assert float(ekd_small['top1_error_mean']) == 18.5 and ekd_small['best'] == 'True'
-  assert float(ekd_small['top1_error_std']) == pytest.approx(statistics.stdev([18.0, 19.0]),
-                                                            abs=1e-4)
+  expected_std = statistics.stdev([18.0, 19.0])
+  assert float(ekd_small['top1_error_std']) == pytest.approx(expected_std, abs=1e-4)
   assert int(ekd_small['seeds']) == 2
   assert (out / 'comparison.png').stat().st_size > 1000
 

@@ -170,10 +170,10 @@ def test_search_front_is_a_true_front_and_progressive_finds_it(trained, run):
         run.full_depth, lambda depths: {d: measured[d] for d in depths}, beam)
     assert len(found) < 27
     depths = list(found)
-    front = {depths[i] for i in search.pareto_front([(found[d][1], found[d][0])
-                                                      for d in depths])}
-    assert len(front & exhaustive_front) >= 0.8 * len(exhaustive_front), (beam, front,
-                                                                            exhaustive_front)
+    points = [(found[d][1], found[d][0]) for d in depths]
+    front = {depths[i] for i in search.pareto_front(points)}
+    assert len(front & exhaustive_front) >= 0.8 * len(exhaustive_front), (
+        beam, front, exhaustive_front)
 
 
 def test_progressive_search_through_the_command_line(trained):
