@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from ddnn_jax import config_lib, models, optim, profile
-from test_prepare import write_fake_cifar
+from fakes import write_fake_cifar
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # Config files import configs.default, as under `python -m`.

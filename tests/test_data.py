@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from ddnn_jax import data, datasets, prepare
-from test_prepare import write_fake_cifar, write_fake_fashion_mnist
+from fakes import write_fake_cifar, write_fake_fashion_mnist
 
 NUM_MOCK = 20
 NUM_TRAIN, NUM_TEST = 40, 13  # fake CIFAR-100: label == index, all distinct
