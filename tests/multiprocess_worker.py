@@ -86,8 +86,11 @@ def main() -> None:
   parser.add_argument('--out', required=True)
   args = parser.parse_args()
   parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-  parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   assert jax.process_count() == args.num_processes, jax.process_count()
+  # A second call is a no-op (main and library code may both call it): jax itself would
+  # raise 'distributed.initialize should only be called once'.
+  parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  assert jax.distributed.is_initialized() and jax.process_count() == args.num_processes
   losses, state, _ = train(parallel.create_mesh())
   host = parallel.fetch({'params': state.params, 'batch_stats': state.batch_stats})
   if parallel.is_main_process():

@@ -138,6 +138,10 @@ def test_bfloat16_mixed_precision_trains():
   # Parameters and optimizer state stay float32; the loss is computed in float32.
   chex.assert_trees_all_equal_dtypes(state.params, jax.tree.map(
       lambda p: p.astype(jnp.float32), state.params))
+  momentum = [leaf for leaf in jax.tree.leaves(state.opt_state)
+              if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  assert len(momentum) == len(jax.tree.leaves(state.params))  # SGD: one trace per parameter.
+  assert {leaf.dtype for leaf in momentum} == {jnp.dtype(jnp.float32)}
   chex.assert_type(metrics['loss'], jnp.float32)
   assert np.all(np.asarray(metrics['ce']) < 0.5 * np.asarray(first)), (first, metrics['ce'])
 
