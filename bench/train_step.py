@@ -61,7 +61,7 @@ from ddnn_jax import cpu_defaults  # noqa: E402
 
 # As python -m ddnn_jax.main does (DDNN_JAX_CPU_DEFAULTS=0: neither).
 cpu_defaults.reexec_with_tcmalloc()
-cpu_defaults.apply(training=True)
+cpu_defaults.apply(training=True, batch_size=ARGS.batch)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -3,9 +3,10 @@
 Measured in ``bench/README.md`` (ResNet-56 EKD step, 2 cores): XLA's YNNPACK fusion of
 elementwise and reduce ops (otherwise XLA recomputes each block's BatchNorm/ReLU/residual
 chain from the first block of its stage inside the transposes of every weight gradient,
-quadratic in depth), two CPU devices sharing the batch (XLA keeps about 1.25 cores busy
-with one), and tcmalloc (glibc maps and faults in the step's temporary buffer afresh at
-every step). Results change only by float32 rounding (bench/README.md has the numbers).
+quadratic in depth), the batch split over two CPU devices per core (XLA keeps about 1.25
+of 2 cores busy with one device; two per core were faster again than one), and tcmalloc
+(glibc maps and faults in the step's temporary buffer afresh at every step). Results
+change only by float32 rounding (bench/README.md has the numbers).
 
 ``DDNN_JAX_CPU_DEFAULTS=0`` turns all of it off. Settings a user gave (``XLA_FLAGS``,
 ``LD_PRELOAD``, ``jax_num_cpu_devices``) are kept. Everything here must run before jax
@@ -21,15 +22,26 @@ YNN_FUSION = '--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce'
 TCMALLOC_PATHS = ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
                   '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
                   '/usr/lib64/libtcmalloc_minimal.so.4')
-TRAINING_DEVICES = 2  # One per core measured here (2 cores); more were not measured.
+DEVICES_PER_CORE = 2  # Measured on 2 cores: 1, 2, 4 and 8 devices; 4 was fastest.
 
 
 def enabled() -> bool:
   return os.environ.get('DDNN_JAX_CPU_DEFAULTS', '1') != '0'
 
 
-def apply(training: bool = False) -> None:
-  """Sets the XLA CPU flags and, for ``training``, the CPU device count."""
+def training_devices(batch_size: int | None = None, processes: int = 1) -> int:
+  """CPU devices per process for training: two per core, or one per core, or one, the
+  first that divides the global ``batch_size`` over all ``processes``."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  for devices in (DEVICES_PER_CORE * (cores or 1), cores or 1):
+    if not isinstance(batch_size, int) or batch_size % (devices * processes) == 0:
+      return devices
+  return 1
+
+
+def apply(training: bool = False, batch_size: int | None = None, processes: int = 1) -> None:
+  """Sets the XLA CPU flags and, for ``training``, the CPU device count
+  (``training_devices``)."""
   if not enabled():
     return
   flags = os.environ.get('XLA_FLAGS', '')
@@ -37,9 +49,8 @@ def apply(training: bool = False) -> None:
     os.environ['XLA_FLAGS'] = f'{flags} {YNN_FUSION}'.strip()
   if training and 'host_platform_device_count' not in flags:
     import jax  # pylint: disable=g-import-not-at-top
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    if jax.config.jax_num_cpu_devices < 0 and (cores or 1) >= TRAINING_DEVICES:
-      jax.config.update('jax_num_cpu_devices', TRAINING_DEVICES)
+    if jax.config.jax_num_cpu_devices < 0:
+      jax.config.update('jax_num_cpu_devices', training_devices(batch_size, processes))
 
 
 def reexec_with_tcmalloc() -> None:

@@ -65,7 +65,8 @@ def main(argv: list[str]) -> None:
     fail('both --config and --workdir are required, e.g. '
          '--config configs/default.py --workdir /tmp/ddnn')
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, tfds its decoder.
-  cpu_defaults.apply(training=True)
+  cpu_defaults.apply(training=True, batch_size=FLAGS.config.train.batch_size,
+                     processes=FLAGS.num_processes or 1)
   # Imported after flag parsing: jax must not initialise before jax.distributed does.
   # pylint: disable-next=g-import-not-at-top
   from ddnn_jax import config_lib, data, divergence, parallel, preemption, train

@@ -14,7 +14,7 @@ PROBE = """
 import json, os, sys
 from ddnn_jax import cpu_defaults
 cpu_defaults.reexec_with_tcmalloc()
-cpu_defaults.apply(training=sys.argv[1] == 'train')
+cpu_defaults.apply(training=sys.argv[1] == 'train', batch_size=int(sys.argv[2]))
 import jax
 maps = open('/proc/self/maps').read()
 print(json.dumps({'xla_flags': os.environ.get('XLA_FLAGS', ''), 'devices': jax.device_count(),
@@ -22,22 +22,32 @@ print(json.dumps({'xla_flags': os.environ.get('XLA_FLAGS', ''), 'devices': jax.d
 """
 
 
-def probe(mode='train', **env):
+def probe(mode='train', batch_size=128, **env):
   base = {k: v for k, v in os.environ.items()
           if k not in ('XLA_FLAGS', 'LD_PRELOAD', 'DDNN_JAX_CPU_DEFAULTS', 'DDNN_JAX_REEXEC')}
-  result = subprocess.run([sys.executable, '-c', PROBE, mode], capture_output=True, text=True,
+  result = subprocess.run([sys.executable, '-c', PROBE, mode, str(batch_size)],
+                          capture_output=True, text=True,
                           env={**base, 'JAX_PLATFORMS': 'cpu', **env}, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_training_gets_ynn_fusion_two_devices_and_tcmalloc():
+CORES = len(os.sched_getaffinity(0))
+
+
+def test_training_gets_ynn_fusion_two_devices_per_core_and_tcmalloc():
   seen = probe('train')
   assert cpu_defaults.YNN_FUSION in seen['xla_flags'].split()
-  cores = len(os.sched_getaffinity(0))
-  assert seen['devices'] == (cpu_defaults.TRAINING_DEVICES if cores >= 2 else 1)
+  assert seen['devices'] == cpu_defaults.DEVICES_PER_CORE * CORES
   installed = any(os.path.exists(p) for p in cpu_defaults.TCMALLOC_PATHS)
   assert seen['tcmalloc'] == installed
+
+
+@pytest.mark.parametrize('batch_size,processes,devices', [
+    (128, 1, 2 * CORES), (2 * CORES + CORES, 1, CORES), (2 * CORES + 1, 1, 1),
+    (4 * CORES, 2, 2 * CORES), (2 * CORES, 2, CORES)])
+def test_training_devices_divide_the_global_batch(batch_size, processes, devices):
+  assert cpu_defaults.training_devices(batch_size, processes) == devices
 
 
 def test_other_tools_keep_one_device():
