@@ -6,9 +6,10 @@
 
 For each mode (and each depth of the set trained alone, `individual <depth>`) it reports:
 img/s (median over alternating rounds), the FLOPs of the compiled step (XLA's
-cost_analysis) and the FLOP/s achieved, peak memory of the step (memory_analysis:
-arguments + outputs + temporaries - donated), compile time, and the step time relative
-to the full net trained alone and to the sum of all depths trained alone. The EKD step
+cost_analysis, summed over devices) and the FLOP/s achieved, peak memory of the step per
+device (memory_analysis: arguments + outputs + temporaries - donated), compile time, and
+the step time relative to the full net trained alone and to the sum of all depths trained
+alone. The EKD step
 without the shared trunk (each depth its own forward pass) is measured as well, for the
 speed-up of the shared trunk. Nothing here is asserted: it measures and prints.
 """
@@ -85,7 +86,8 @@ def compile_step(model, depths, mode, batch, image_shape, shared_trunk, mesh):
   start = time.perf_counter()
   compiled = train.lower(state, data).compile()
   compile_s = time.perf_counter() - start
-  flops = compiled.cost_analysis()['flops']
+  # XLA analyses the partitioned program: one device's share of FLOPs and memory.
+  flops = compiled.cost_analysis()['flops'] * mesh.size
   memory = compiled.memory_analysis()
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
@@ -150,7 +152,7 @@ def main():
   forward = profile.shared_trunk_flops(model(), image_shape, depths) / sum(
       profile.profile_subnet(model(), image_shape, d).flops for d in depths)
   lines = [
-      '| step | ms | img/s | GFLOP/step | GFLOP/s | peak MiB | compile s | / full alone | '
+      '| step | ms | img/s | GFLOP/step | GFLOP/s | peak MiB/device | compile s | / full alone | '
       '/ sum alone | FLOPs / sum alone |',
       '|---|---|---|---|---|---|---|---|---|---|']
   for name, run in runs.items():

@@ -204,6 +204,23 @@ def test_shared_trunk_equals_a_forward_per_depth(arch, subnets, mode, image, wid
     assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), old)), name
 
 
+def test_remat_changes_no_result():
+  """model.remat recomputes each block in the backward pass: the same loss, gradients and
+  new BN statistics (its memory and time trade-off is measured in bench/README.md)."""
+  depths = models.depth_set(ARCH, SUBNETS)
+  results = []
+  for remat in (False, True):
+    model = models.create_model(ARCH, NUM_CLASSES, width=4, remat=remat)
+    state = steps.create_train_state(jax.random.key(0), model, depths,
+                                     optax.sgd(0.1, momentum=0.9), IMAGE)
+    results.append(jax.jit(lambda s, b: steps.loss_and_grads(s, b, depths=depths, mode='ekd'))(
+        state, toy_batch(0)))
+  chex.assert_trees_all_equal_structs(*results)
+  _assert_close_to_scale(results[1], results[0], tol=1e-5)
+  # The step did train: the gradient is not zero (equal zeros would pass trivially).
+  assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(results[0][1]))
+
+
 def test_shared_trunk_step_costs_what_its_blocks_predict():
   """The compiled EKD step of ResNet-20 + [2,2,2] + [1,1,1] against its three depths alone.
 
