@@ -10,6 +10,9 @@ import pytest
 
 from ddnn_jax import cpu_defaults
 
+# Each case spawns a fresh Python process.
+pytestmark = pytest.mark.slow
+
 PROBE = """
 import json, os, sys
 from ddnn_jax import cpu_defaults

@@ -270,6 +270,7 @@ def _wait_for(proc, text, lines):
   raise AssertionError(f'{text!r} never printed: {lines}')
 
 
+@pytest.mark.slow
 def test_gpu_forwards_sigterm_to_every_node(env, tmp_path):
   bin_dir = tmp_path / 'bin'
   _local_ssh(bin_dir)
@@ -318,6 +319,7 @@ def test_help(env, script):
   assert '--dry-run' in proc.stdout
 
 
+@pytest.mark.slow
 def test_slurm_sbatch_sets_process_ids(env, tmp_path):
   # srun stub: runs the task command once per task with its SLURM_PROCID.
   bin_dir = tmp_path / 'bin'
@@ -341,6 +343,7 @@ def test_slurm_sbatch_sets_process_ids(env, tmp_path):
         '--coordinator_address=gpu07:12355', '--num_processes=6', f'--process_id={i}']
 
 
+@pytest.mark.slow
 def test_slurm_sbatch_forwards_sigterm_to_srun(env, tmp_path):
   bin_dir = tmp_path / 'bin'
   _write_exe(bin_dir / 'scontrol', '#!/bin/sh\necho gpu01\n')
@@ -396,6 +399,7 @@ def test_scripts_are_executable():
     assert os.access(script, os.X_OK), script
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck not installed')
 def test_shellcheck_clean():
   scripts = sorted(glob.glob(os.path.join(LAUNCH, '*.sh')) +

@@ -146,6 +146,7 @@ def test_two_processes_match_one(reference, tmp_path):
   chex.assert_trees_all_close(got, expected, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_initialize_distributed_is_a_no_op_on_one_machine():
   code = ('import jax; from ddnn_jax import parallel; '
           'parallel.initialize_distributed(); parallel.initialize_distributed(); '

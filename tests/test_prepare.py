@@ -176,6 +176,7 @@ def test_main_prepares(tmp_path, capsys):
     (['cifar10', '--from', '{src}/missing'], 'does not exist'),
     (['mnist', '--from', '{src}'], "invalid choice: 'mnist'"),
 ])
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, error):
   (tmp_path / 'src').mkdir()
   args = [a.format(src=tmp_path / 'src') for a in args]
@@ -191,6 +192,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, error):
   assert not (tmp_path / 'data').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
                     reason='needs `apt-get install dataset-fashion-mnist`')
 def test_real_debian_fashion_mnist(tmp_path):
