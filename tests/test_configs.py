@@ -146,7 +146,7 @@ def test_cifar10_vgg16_config_trains_end_to_end(tmp_path):
        f'--workdir={workdir}', f'--config.data.source_dir={source}',
        f'--config.data.data_dir={tmp_path / "tfds"}', '--config.model.width=4',
        '--config.train.batch_size=16', '--config.train.eval_batch_size=16',
-       '--config.train.num_epochs=2'],
+       '--config.train.num_epochs=2', '--config.optim.decay_epochs=(1,)'],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = list(csv.DictReader(open(workdir / 'results.csv')))
