@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import statistics
 import sys
 
@@ -54,11 +55,9 @@ def main():
            '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for row in rows + [means]:
     lines.append('| ' + ' | '.join(f'{v:.2f}' if isinstance(v, float) else v for v in row) + ' |')
-  text = '\n'.join(lines)
-  print(text)
+  print('\n'.join(lines))
   if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
+    pathlib.Path(args.out).write_text('\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':
