@@ -27,14 +27,15 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from ddnn_jax import cpu_defaults  # noqa: E402  (plain Python: no jax imported here)
 NETS = {  # full net, sub-nets: the sets the issue measured.
     'resnet20': ('3,3,3', ['1,1,1', '2,2,2']),
     'resnet56': ('9,9,9', ['3,3,3', '5,5,5', '7,7,7']),
 }
 
 
-YNN = '--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce'
-TCMALLOC = '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'
+TCMALLOC = next((p for p in cpu_defaults.TCMALLOC_PATHS if os.path.exists(p)), None)
 
 
 def measure(variant, args, out):
@@ -45,16 +46,19 @@ def measure(variant, args, out):
            '--mode', args.mode if args.mode == 'ekd' else 'plain', '--impl', 'eager',
            '--batch', str(args.batch), '--steps', str(args.steps), '--json', out]
   else:
-    flags, devices = [], 0
-    env['DDNN_JAX_CPU_DEFAULTS'] = '1'
-    for part in variant.split('+'):
+    flags, devices, parts = [], 0, variant.split('+')
+    # Only the parts named: ddnn_jax's own CPU defaults only in 'default'.
+    env['DDNN_JAX_CPU_DEFAULTS'] = '1' if 'default' in parts else '0'
+    for part in parts:
       if part == 'baseline':
-        env['DDNN_JAX_CPU_DEFAULTS'] = '0'
+        pass
       elif part == 'ynn':
-        flags.append(YNN)
+        flags.append(cpu_defaults.YNN_FUSION)
       elif part.startswith('dev'):
         devices = int(part[3:])
       elif part == 'tcmalloc':
+        if TCMALLOC is None:
+          raise SystemExit('tcmalloc: apt-get install libtcmalloc-minimal4')
         env['LD_PRELOAD'] = TCMALLOC
       elif part == 'notrunk':
         pass  # Read off the same run's 'ekd, no shared trunk' row.
@@ -62,8 +66,6 @@ def measure(variant, args, out):
         flags.append(part[4:])
       elif part != 'default':
         raise ValueError(f'unknown variant part {part!r}')
-    if env['DDNN_JAX_CPU_DEFAULTS'] == '1' and variant != 'default' and 'default' not in variant:
-      env['DDNN_JAX_CPU_DEFAULTS'] = '0'  # Only the parts named.
     cmd = [sys.executable, os.path.join(HERE, 'train_step.py'), '--arch', args.net,
            '--subnets', ','.join(s.replace(',', '-') for s in subs), '--batch', str(args.batch),
            '--modes', 'ekd' if args.mode == 'ekd' else 'individual',

@@ -9,9 +9,9 @@ img/s (median over alternating rounds), the FLOPs of the compiled step (XLA's
 cost_analysis, summed over devices) and the FLOP/s achieved, peak memory of the step per
 device (memory_analysis: arguments + outputs + temporaries - donated), compile time, and
 the step time relative to the full net trained alone and to the sum of all depths trained
-alone. The EKD step
-without the shared trunk (each depth its own forward pass) is measured as well, for the
-speed-up of the shared trunk. Nothing here is asserted: it measures and prints.
+alone. The EKD step without the shared trunk (each depth its own forward pass) is
+measured as well, for the speed-up of the shared trunk. Nothing here is asserted: it
+measures and prints.
 """
 
 from __future__ import annotations

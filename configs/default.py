@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # Global, over all devices and hosts.
   config.train.eval_batch_size = 512
-  config.train.num_epochs = 5  # ~17 min on 2 CPU cores (README, Results).
+  config.train.num_epochs = 5  # ~16 min on 2 CPU cores (README, Results).
   config.train.eval_every_epochs = 1
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 500  # Also saved at every evaluation.

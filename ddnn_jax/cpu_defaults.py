@@ -32,8 +32,9 @@ def enabled() -> bool:
 def training_devices(batch_size: int | None = None, processes: int = 1) -> int:
   """CPU devices per process for training: two per core, or one per core, or one, the
   first that divides the global ``batch_size`` over all ``processes``."""
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  for devices in (DEVICES_PER_CORE * (cores or 1), cores or 1):
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+           else os.cpu_count() or 1)
+  for devices in (DEVICES_PER_CORE * cores, cores):
     if not isinstance(batch_size, int) or batch_size % (devices * processes) == 0:
       return devices
   return 1

@@ -167,12 +167,10 @@ def test_search_front_is_a_true_front_and_progressive_finds_it(trained, run):
       [(s[1], s[0]) for s in map(measured.get, map(evaluate.row_depth, rows))])}
   # Beam 2 (the CLI default is 4): fewer evaluations than exhaustive, >= 80% of its front.
   # Beam 1 is plain greedy and cheaper still; it may miss front points (2 of 7 once here).
-  evaluated = {}
-  for beam in (1, 2):
-    found = search.progressive_search(
-        run.full_depth, lambda depths: {d: measured[d] for d in depths}, beam)
-    evaluated[beam] = len(found)
-  assert evaluated[1] < evaluated[2] < 27, evaluated
+  found = {beam: search.progressive_search(
+      run.full_depth, lambda depths: {d: measured[d] for d in depths}, beam) for beam in (1, 2)}
+  assert len(found[1]) < len(found[2]) < 27, {beam: len(f) for beam, f in found.items()}
+  found = found[2]
   depths = list(found)
   points = [(found[d][1], found[d][0]) for d in depths]
   front = {depths[i] for i in search.pareto_front(points)}
