@@ -12,8 +12,11 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 
+from ddnn_jax import errors
+
 T = TypeVar('T')
 ArgumentTypeError = argparse.ArgumentTypeError
+UsageError = errors.UsageError
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -58,14 +61,18 @@ def progress(items: Iterable[T], description: str, total: int | None = None,
                    dynamic_ncols=True, mininterval=1.0, leave=False)
 
 
-def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
-  """Runs a tool's ``main(argv)``; bad input (UsageError, DataError, ValueError raised as
-  input errors) ends as one ``error:`` line with exit code 2."""
+def config_error_line(err: BaseException) -> str:
+  return errors.one_line(err)
+
+
+def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> Any:
+  """Runs a tool's ``main(argv)`` and returns what it returns; bad input (UsageError and
+  its kinds) ends as one ``error:`` line with exit code 2."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it reads, tfds its decoder.
-  from ddnn_jax import config_lib, cpu_defaults, data  # pylint: disable=g-import-not-at-top
+  from ddnn_jax import cpu_defaults  # pylint: disable=g-import-not-at-top
   cpu_defaults.apply()
   try:
-    main(argv)
-  except (config_lib.UsageError, data.DataError) as err:
+    return main(argv)
+  except errors.UsageError as err:
     fail(str(err))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddnn_jax import data, datasets, losses, models
+from ddnn_jax import data, datasets, errors, losses, models
 
 # Fields that define a run: resuming a workdir with other values is refused.
 RUN_IDENTITY = ('mode', 'model.arch', 'model.subnets', 'model.width', 'data.dataset',
@@ -36,12 +36,7 @@ RUN_IDENTITY = ('mode', 'model.arch', 'model.subnets', 'model.width', 'data.data
 _MIN_IMAGE_SIZE = {'cifar_resnet': 4, 'resnet_basic': 32, 'resnet_bottleneck': 32, 'vgg': 16}
 
 
-class UsageError(Exception):
-  """Bad input from the user; printed as one ``error:`` line, exit code 2."""
-
-
-class ConfigError(UsageError):
-  pass
+UsageError, ConfigError = errors.UsageError, errors.ConfigError
 
 
 def get_field(config: Mapping[str, Any], dotted: str) -> Any:

@@ -24,16 +24,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import datasets, prepare
+from ddnn_jax import datasets, errors, prepare
 
 Batch = dict[str, np.ndarray]
 
 
-class DataError(Exception):
-  """Data missing or unreadable.
-
-  str(err) is ONE line telling the user exactly what to download or run.
-  """
+DataError = errors.DataError
 
 
 @dataclasses.dataclass(frozen=True)

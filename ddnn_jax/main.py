@@ -17,7 +17,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddnn_jax import cpu_defaults
+from ddnn_jax import cpu_defaults, errors
+from ddnn_jax.cli import fail
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
@@ -29,24 +30,6 @@ config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/defau
                                 lock_config=True)
 
 
-def fail(message: str, code: int = 2) -> None:
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(code)
-
-
-def _one_line(err: Exception) -> str:
-  text = str(err).strip()
-  if isinstance(err, (AttributeError, KeyError)):  # --config.no_such_field=...
-    text = text.strip('\'"').replace("\\'", "'").replace('\\n', ' ')
-    return f'unknown config field {text}'
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  if not lines:
-    return type(err).__name__
-  if 'config file' in text:  # The cause (missing file, syntax error) is on the last line.
-    return f'cannot load --config: {lines[-1]}'
-  return lines[0]
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   # absl would print a usage dump (and config_flags a traceback): one line instead.
   try:
@@ -55,7 +38,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       FLAGS.config.keys()  # A config file that failed to load only says so on access.
     return rest
   except Exception as err:  # noqa: BLE001 - flag and config-file errors of every kind.
-    fail(_one_line(err))
+    fail(errors.one_line(err))
 
 
 def main(argv: list[str]) -> None:

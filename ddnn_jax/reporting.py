@@ -22,7 +22,8 @@ from ddnn_jax import models
 
 METRICS_FILE = 'metrics.jsonl'
 TB_DIR = 'tb'
-CSV_FIELDS = ('name', 'depth', 'params', 'flops', 'top1_error')
+# top1_error: the test split; val_top1_error: the held-out validation split (empty without).
+CSV_FIELDS = ('name', 'depth', 'params', 'flops', 'top1_error', 'val_top1_error')
 
 
 def _is_remote(path: str) -> bool:
@@ -181,69 +182,86 @@ def train_scalars(mean: Mapping[str, Any], names: Sequence[str],
   return scalars
 
 
-def eval_scalars(result: Mapping[str, Any], names: Sequence[str],
-                 epoch: int) -> dict[str, float]:
-  return {**per_depth('eval/accuracy', result['accuracy'], names),
-          **per_depth('eval/ce', result['ce'], names), 'epoch': float(epoch)}
+def eval_scalars(result: Mapping[str, Any], names: Sequence[str], epoch: int,
+                 validation: Mapping[str, Any] | None = None) -> dict[str, float]:
+  """Per-depth top-1 accuracy and CE: 'eval/...' on the test split, 'val/...' on the
+  held-out validation split when the run has one."""
+  scalars = {**per_depth('eval/accuracy', result['accuracy'], names),
+             **per_depth('eval/ce', result['ce'], names), 'epoch': float(epoch)}
+  if validation is not None:
+    scalars.update(per_depth('val/accuracy', validation['accuracy'], names))
+    scalars.update(per_depth('val/ce', validation['ce'], names))
+  return scalars
 
 
 # --- results table and plot -------------------------------------------------------
 
 
+def _error_percent(name: str, acc: Any) -> float:
+  acc = _to_float('top1_acc', acc)
+  if not 0.0 <= acc <= 1.0:
+    raise ValueError(f'top1_acc of {name!r} is {acc}; pass a fraction in [0, 1]')
+  # Rounded so the CSV shows 22.8, not 22.799999999999997.
+  return round(100.0 * (1.0 - acc), 6)
+
+
 def results_rows(names: Sequence[str], depths: Sequence[Any],
                  params: Sequence[float], flops: Sequence[float],
-                 top1_acc: Sequence[float]) -> list[dict[str, Any]]:
+                 top1_acc: Sequence[float],
+                 val_top1_acc: Sequence[float] | None = None) -> list[dict[str, Any]]:
   """Makes one row per sub-net.
 
   Args:
-    names: e.g. 'full', 'sub1', ...
+    names: e.g. 'resnet20', '2-2-2', ...
     depths: blocks per stage, as a sequence (e.g. [3, 3, 3]) or a string.
     params: parameter counts.
     flops: multiply-adds per image.
-    top1_acc: top-1 accuracy as a fraction in [0, 1].
+    top1_acc: test top-1 accuracy as a fraction in [0, 1].
+    val_top1_acc: the same on the validation split, or None (no validation split).
 
   Returns:
-    Dicts with keys name, depth (e.g. '[3,3,3]'), params, flops and
-    top1_error (in %, = 100 * (1 - acc)).
+    Dicts with keys name, depth, params, flops, top1_error (in %, = 100 * (1 - acc))
+    and val_top1_error (None without a validation split).
   """
-  columns = (names, depths, params, flops, top1_acc)
+  columns = [names, depths, params, flops, top1_acc]
+  if val_top1_acc is not None:
+    columns.append(val_top1_acc)
   if len({len(c) for c in columns}) != 1:
     raise ValueError(f'column lengths differ: {[len(c) for c in columns]}')
   rows = []
-  for name, depth, n_params, n_flops, acc in zip(*columns):
-    acc = _to_float('top1_acc', acc)
-    if not 0.0 <= acc <= 1.0:
-      raise ValueError(f'top1_acc of {name!r} is {acc}; pass a fraction in [0, 1]')
+  for i, (name, depth, n_params, n_flops, acc) in enumerate(zip(*columns[:5])):
     rows.append({
         'name': str(name),
         'depth': models.format_depth(depth),
         'params': int(round(_to_float('params', n_params))),
         'flops': int(round(_to_float('flops', n_flops))),
-        # Rounded so the CSV shows 22.8, not 22.799999999999997.
-        'top1_error': round(100.0 * (1.0 - acc), 6),
+        'top1_error': _error_percent(name, acc),
+        'val_top1_error': (None if val_top1_acc is None
+                           else _error_percent(name, val_top1_acc[i])),
     })
   return rows
 
 
-def depth_results(arch: str, profiles: Sequence[Any], top1_acc: Sequence[float]
-                  ) -> list[dict[str, Any]]:
+def depth_results(arch: str, profiles: Sequence[Any], top1_acc: Sequence[float],
+                  val_top1_acc: Sequence[float] | None = None) -> list[dict[str, Any]]:
   """The results rows of a run's depths (full net first): each named after the net it
-  equals ('resnet32'), else 'sub<k>' ('single' for a lone unnamed depth)."""
-  names = [models.depth_label(arch, p.depth) or (f'sub{k}' if k else 'single')
-           for k, p in enumerate(profiles)]
+  equals ('resnet32'), else after its block counts ('2-2-2')."""
+  names = [models.depth_label(arch, p.depth) or models.depth_name(p.depth) for p in profiles]
   return results_rows(names, [p.depth for p in profiles], [p.params for p in profiles],
-                      [p.flops for p in profiles], top1_acc)
+                      [p.flops for p in profiles], top1_acc, val_top1_acc)
 
 
 def format_markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-  """Formats rows as a markdown table, with params and FLOPs in millions."""
-  lines = [
-      '| Net | Depth | Params (M) | FLOPs (M) | Top-1 err (%) |',
-      '|:----|:------|-----------:|----------:|--------------:|',
-  ]
+  """Formats rows as a markdown table, with params and FLOPs in millions; the validation
+  error column appears when the rows have one."""
+  with_val = any(r.get('val_top1_error') is not None for r in rows)
+  head = '| Net | Depth | Params (M) | FLOPs (M) | Top-1 err (%) |'
+  rule = '|:----|:------|-----------:|----------:|--------------:|'
+  lines = [head + (' Val. err (%) |' if with_val else ''), rule + ('-----------:|' if with_val else '')]
   for r in rows:
-    lines.append(f"| {r['name']} | {r['depth']} | {r['params'] / 1e6:,.2f} | "
-                 f"{r['flops'] / 1e6:,.1f} | {r['top1_error']:.2f} |")
+    line = (f"| {r['name']} | {r['depth']} | {r['params'] / 1e6:,.2f} | "
+            f"{r['flops'] / 1e6:,.1f} | {r['top1_error']:.2f} |")
+    lines.append(line + (f" {r['val_top1_error']:.2f} |" if with_val else ''))
   return '\n'.join(lines) + '\n'
 
 

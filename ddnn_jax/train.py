@@ -26,12 +26,14 @@ from ddnn_jax import (checkpoints, config_lib, data, divergence, optim, parallel
 
 
 def evaluate(eval_step, state: steps.TrainState, config: ml_collections.ConfigDict,
-             run: config_lib.RunSetup, mesh) -> dict[str, np.ndarray]:
-  """Top-1 accuracy and mean CE of every depth over the whole test split."""
+             run: config_lib.RunSetup, mesh, split: str = 'test') -> dict[str, np.ndarray]:
+  """Top-1 accuracy and mean CE of every depth over a whole split ('test' or the held-out
+  'validation')."""
   eval_iter = data.create_eval_iterator(
       config.data.dataset, run.data_dir, global_batch_size=run.eval_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      image_size=config.data.image_size, subset=config.data.eval_subset)
+      image_size=config.data.image_size, subset=config.data.eval_subset, split=split,
+      validation_examples=config.data.validation_examples)
   totals = None
   for batch in eval_iter:
     sums = eval_step(state, parallel.shard_batch(batch, mesh))
@@ -104,7 +106,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     steps_per_eval = run.steps_per_epoch * config.train.eval_every_epochs
     pending: list[dict[str, Any]] = []  # Step metrics not yet logged.
-    eval_result = None
+    eval_result = val_result = None
+    has_validation = config.data.validation_examples > 0
+
+    def evaluate_splits():
+      """(test, validation or None) results; the validation split is what selects."""
+      test = evaluate(eval_step, state, config, run, mesh)
+      val = evaluate(eval_step, state, config, run, mesh, 'validation') if has_validation else None
+      return test, val
 
     def log_pending(step: int) -> None:
       """Writes the mean of the pending metrics; stops the run if one was not finite."""
@@ -130,14 +139,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           log_pending(step)
         checkpoint_metrics = None
         if evaluate_now:
-          eval_result = evaluate(eval_step, state, config, run, mesh)
+          eval_result, val_result = evaluate_splits()
           epoch = step // run.steps_per_epoch
-          writer.write_scalars(step, reporting.eval_scalars(eval_result, names, epoch))
+          writer.write_scalars(step, reporting.eval_scalars(eval_result, names, epoch,
+                                                            val_result))
           writer.flush()
-          checkpoint_metrics = {'mean_accuracy': float(np.mean(eval_result['accuracy']))}
+          # The best checkpoint is chosen on held-out data when the run has some.
+          selecting = val_result if has_validation else eval_result
+          checkpoint_metrics = {'mean_accuracy': float(np.mean(selecting['accuracy']))}
           if is_main:
-            bar.write(f'epoch {epoch}: top-1 ' + ', '.join(
-                f'{n} {a:.2%}' for n, a in zip(names, eval_result['accuracy'])))
+            bar.write(f'epoch {epoch}: test top-1 ' + ', '.join(
+                f'{n} {a:.2%}' for n, a in zip(names, eval_result['accuracy'])) + (
+                    '; validation ' + ', '.join(f'{n} {a:.2%}' for n, a in zip(
+                        names, val_result['accuracy'])) if has_validation else ''))
         if save_now:
           checkpointer.save(step, state, train_iter.get_state(), checkpoint_metrics)
         reason = stop_signals.requested()
@@ -154,10 +168,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointer.close()
 
     if eval_result is None:  # Resumed a finished run.
-      eval_result = evaluate(eval_step, state, config, run, mesh)
-    rows = reporting.depth_results(config.model.arch, profiles, eval_result['accuracy'])
+      eval_result, val_result = evaluate_splits()
+    rows = reporting.depth_results(config.model.arch, profiles, eval_result['accuracy'],
+                                   None if val_result is None else val_result['accuracy'])
     if is_main:
       reporting.write_results(workdir, rows, title=f'{config.mode}: {config.model.arch} on '
                               f'{config.data.dataset}, {run.num_steps} steps')
       print(reporting.format_markdown_table(rows), flush=True)
-  return {'step': run.num_steps, 'names': names, **eval_result}
+  return {'step': run.num_steps, 'names': names, **eval_result,
+          **({} if val_result is None else {f'val_{k}': v for k, v in val_result.items()})}

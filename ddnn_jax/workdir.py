@@ -49,20 +49,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(path: epath.Path) -> Iterator[None]:
-  """Holds an exclusive lock on ``path/.lock``; WorkdirError if a live run holds it."""
-  lock_path = os.fspath(path / LOCK_FILE)
+def lock(path: str | os.PathLike, name: str = LOCK_FILE, what: str = 'workdir',
+         instead: str = '--workdir') -> Iterator[None]:
+  """Holds an exclusive lock on ``path/name``; WorkdirError if a live process holds it."""
+  path = epath.Path(path)
+  lock_path = os.fspath(path / name)
   fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       owner = os.pread(fd, 4096, 0).decode(errors='replace').strip() or 'another process'
-      raise WorkdirError(f'workdir {path} is in use by a live run ({owner}): wait for it '
-                         'to end or use another --workdir') from None
+      raise WorkdirError(f'{what} {path} is in use by a live run ({owner}): wait for it '
+                         f'to end or use another {instead}') from None
     previous = os.pread(fd, 4096, 0).decode(errors='replace').strip()
     if previous:
-      print(f'warning: taking over the lock of workdir {path} left by a run that is no longer '
+      print(f'warning: taking over the lock of {what} {path} left by a run that is no longer '
             f'running ({previous})', file=sys.stderr, flush=True)
     me = f'pid {os.getpid()} on {socket.gethostname()}, since {time.strftime("%Y-%m-%d %H:%M:%S")}'
     os.ftruncate(fd, 0)
@@ -92,7 +94,7 @@ def claim(workdir: str, config: ml_collections.ConfigDict) -> Iterator[epath.Pat
   run; config_lib.UsageError if it holds a run with another identity.
   """
   path = epath.Path(workdir)
-  lock: contextlib.AbstractContextManager = contextlib.nullcontext()
+  held: contextlib.AbstractContextManager = contextlib.nullcontext()
   error = ''
   with contextlib.ExitStack() as stack:
     if parallel.is_main_process():
@@ -102,8 +104,8 @@ def claim(workdir: str, config: ml_collections.ConfigDict) -> Iterator[epath.Pat
         probe.write_text('ok')
         probe.unlink()
         if not _is_remote(workdir):
-          lock = _lock(path)
-        stack.enter_context(lock)
+          held = lock(path)
+        stack.enter_context(held)
       except OSError as err:
         error = f'workdir {workdir} is not usable: {err}'
       except WorkdirError as err:
