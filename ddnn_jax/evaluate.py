@@ -54,7 +54,11 @@ def parse_depths(run: inference.TrainedRun, text: str) -> list[models.Depth]:
   """Comma-separated depths (names or n-n-n) and the words 'all' (every configuration)
   and 'trained', checked against the net; each depth once, in the order given."""
   depths = []
-  for item in filter(None, text.split(',')):
+  try:
+    items = models.parse_depths(text)
+  except ValueError as err:
+    raise config_lib.UsageError(f'--depths: {err}') from None
+  for item in items:
     if item == 'all':
       depths += run.all_depths()
     elif item == 'trained':
@@ -130,16 +134,16 @@ def evaluate_depths(run: inference.TrainedRun, depths: Sequence[models.Depth], s
 
 
 def row_depth(row: dict[str, Any]) -> models.Depth:
-  """The depth of a result row: '[2,1,2]' -> (2, 1, 2)."""
-  return tuple(int(n) for n in str(row['depth']).strip('[]').split(','))
+  """The depth of a result row: '2-1-2' (or an older '[2,1,2]') -> (2, 1, 2)."""
+  return tuple(models.parse_depth(str(row['depth'])))
 
 
 def merge_rows(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]
                ) -> list[dict[str, Any]]:
   """Earlier rows of the same step are kept unless re-evaluated; most blocks first."""
   step = str(new[0]['step']) if new else None
-  by_depth = {r['depth']: r for r in old if str(r['step']) == step}
-  by_depth.update({r['depth']: r for r in new})
+  by_depth = {row_depth(r): r for r in old if str(r['step']) == step}
+  by_depth.update({row_depth(r): r for r in new})
   return sorted(by_depth.values(), key=lambda r: (-int(r['blocks']), [
       -n for n in row_depth(r)]))
 

@@ -61,7 +61,7 @@ def _error_on(run: inference.TrainedRun, depth: models.Depth) -> dict[str, float
   errors = {}
   for split in ('test', 'validation'):
     for row in evaluate.read_rows(run.workdir, split):
-      if row['depth'] == models.format_depth(depth) and int(row['step']) == run.step:
+      if evaluate.row_depth(row) == depth and int(row['step']) == run.step:
         errors[split] = float(row['top1_error'])
   return errors
 

@@ -58,10 +58,7 @@ class TrainedRun:
     """A depth of this net from a name ('resnet32'), text ('2-2-1') or block counts."""
     try:
       if isinstance(spec, str):
-        parsed = models.parse_depths(spec)
-        if len(parsed) != 1:
-          raise ValueError(f'{spec!r} is not one depth')
-        spec = parsed[0]
+        spec = models.parse_depth(spec)
       return models.resolve_depth(spec, self.config.model.arch)
     except ValueError as err:
       raise config_lib.UsageError(str(err)) from None

@@ -57,13 +57,69 @@ DEFAULT_WIDTH = {'cifar_resnet': 16, 'resnet_basic': 64, 'resnet_bottleneck': 64
 
 
 def format_depth(depth: Any) -> str:
-  """How a depth is shown to people: (3, 4, 6, 3) -> '[3,4,6,3]'; a name stays as it is."""
+  """The one way a depth is written, in tables, files, flags and messages: (3, 4, 6, 3)
+  -> '3-4-6-3' (blocks per stage, no spaces or brackets: it pastes into a shell and a
+  file name). A name stays as it is. ``parse_depth`` reads it back, and other spellings."""
   if isinstance(depth, str):
-    return depth
+    try:
+      depth = parse_depth(depth)
+    except ValueError:
+      return depth
+    if isinstance(depth, str):
+      return depth
   try:
-    return '[' + ','.join(str(d) for d in depth) + ']'
-  except TypeError:
+    return '-'.join(str(int(d)) for d in depth)
+  except (TypeError, ValueError):
     return repr(depth)
+
+
+_DEPTH_EXAMPLE = 'block counts per stage such as 2-2-2 (also [2,2,2] or 2,2,2) or a net name'
+
+
+def parse_depth(text: str) -> DepthSpec:
+  """One depth as people write it: '2-2-2', '[2,2,2]', '(2, 2, 2)', '2,2,2', '2 2 2' ->
+  (2, 2, 2); a net name ('resnet32') stays a name. Only the syntax is checked here;
+  ``resolve_depth`` checks a depth against a net."""
+  item = str(text).strip()
+  inner = item.strip('[]()').strip()
+  if inner and (inner[0].isalpha()):
+    if item != inner or not inner.replace('_', '').isalnum():
+      raise ValueError(f'depth {item!r} is not a depth: give {_DEPTH_EXAMPLE}')
+    return inner
+  parts = [p for p in inner.replace(',', ' ').replace('-', ' ').split()]
+  if not parts or not all(p.isdigit() for p in parts):
+    raise ValueError(f'depth {item!r} is not a depth: give {_DEPTH_EXAMPLE}')
+  return tuple(int(p) for p in parts)
+
+
+def parse_depths(text: str) -> list[DepthSpec]:
+  """A list of depths, e.g. a --depths flag: 'resnet44,5-5-5' -> ['resnet44', (5, 5, 5)].
+
+  Depths are separated by commas or spaces; a depth is written as ``parse_depth`` reads
+  it. Commas inside brackets belong to the depth ('[2,2,2],[1,1,1]'), and a list of bare
+  numbers is one depth ('2,2,2': a single number is never a depth of these nets).
+  """
+  text = str(text).strip()
+  items, level, current = [], 0, ''
+  for char in text:  # Split at commas and spaces outside brackets.
+    level += 1 if char in '[(' else -1 if char in '])' else 0
+    if level < 0:
+      raise ValueError(f'depths {text!r}: unbalanced brackets')
+    if char in ', ' and level == 0:
+      items.append(current)
+      current = ''
+    else:
+      current += char
+  if level:
+    raise ValueError(f'depths {text!r}: unbalanced brackets')
+  items = [i for i in [*items, current] if i.strip()]
+  if items and all(i.strip().isdigit() for i in items):
+    return [parse_depth(','.join(items))]
+  for item in items:
+    if item.strip().isdigit():
+      raise ValueError(f'depths {text!r}: {item!r} alone is not a depth; write a depth as '
+                       f'{_DEPTH_EXAMPLE}, and separate depths by commas')
+  return [parse_depth(i) for i in items]
 
 
 def _fmt(depth: Any) -> str:  # In error messages: names quoted.
@@ -103,22 +159,6 @@ def resolve_depth(spec: DepthSpec, arch: str) -> Depth:
   return check_depth(spec, full.stage_sizes, arch)
 
 
-def parse_depths(text: str) -> list[DepthSpec]:
-  """Command-line depth lists: 'resnet44,5-5-5' -> ['resnet44', (5, 5, 5)].
-
-  Only the syntax is checked here; ``resolve_depth`` checks them against a net.
-  """
-  depths: list[DepthSpec] = []
-  for item in filter(None, text.split(',')):
-    if not item[0].isdigit():
-      depths.append(item)
-    elif all(n.isdigit() for n in item.split('-')):
-      depths.append(tuple(int(n) for n in item.split('-')))
-    else:
-      raise ValueError(f'depth {item!r} must be a name or block counts joined by "-", e.g. 5-5-5')
-  return depths
-
-
 def arch_spec(arch: str) -> ArchSpec:
   try:
     return ARCHS[arch.lower()]
@@ -127,8 +167,9 @@ def arch_spec(arch: str) -> ArchSpec:
 
 
 def depth_name(depth: Depth) -> str:
-  """Stable, readable key of a depth: (5, 5, 5) -> '5-5-5'."""
-  return '-'.join(str(n) for n in depth)
+  """Stable, readable key of a depth (BN statistics, metrics, workdirs): '5-5-5', the
+  notation of ``format_depth``."""
+  return format_depth(tuple(depth))
 
 
 def _conv(features: int, kernel: int, strides: int = 1, *, name: str, dtype: Any) -> nn.Conv:

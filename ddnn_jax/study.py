@@ -250,6 +250,7 @@ def run_study(root: str, runs: Sequence[Run], argvs: Sequence[Sequence[str]], ni
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, stop)
   worst = 0
+  os.nice(nice)  # Inherited by every run (a preexec_fn would fork this jax process).
   with workdir_lib.lock(root, LOCK, what='study root', instead='--root'):
     manifest = read_manifest(root)
     manifest.update(header)
@@ -272,9 +273,8 @@ def run_study(root: str, runs: Sequence[Run], argvs: Sequence[Sequence[str]], ni
         log.write(f'\n$ {" ".join(argv)}\n'.encode())
         log.flush()
         # Its own session: a terminal's Ctrl-C reaches the study, which forwards it once.
-        stop.child = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        stop.child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
         code = stop.child.wait()
         stop.child = None
       seconds = time.time() - start

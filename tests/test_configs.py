@@ -85,7 +85,7 @@ def test_presets_validate_and_profile_their_sizes(spec, depths, capsys):
   assert config_lib.depths_of(config) == depths
   profile.main(['--config', str(REPO / 'configs' / spec)])
   table = capsys.readouterr().out
-  lines = [line for line in table.splitlines() if line.startswith('| [')]
+  lines = [line for line in table.splitlines() if line[:3] in {f'| {d[0]}' for d in depths}]
   assert [line.split(' | ')[0][2:] for line in lines] == [models.format_depth(d) for d in depths]
   printed = [float(line.split(' | ')[2]) for line in lines]
   imagenet = config.data.dataset == 'imagenet2012'

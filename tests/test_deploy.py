@@ -113,7 +113,7 @@ def evaluated(trained):
 def test_evaluate_writes_the_table_and_latencies(trained, evaluated):
   result = evaluated
   rows = list(csv.DictReader(open(trained / 'evaluation' / 'validation.csv')))
-  assert [r['depth'] for r in rows] == ['[3,3,3]', '[2,2,2]', '[2,1,3]', '[1,1,1]']
+  assert [r['depth'] for r in rows] == ['3-3-3', '2-2-2', '2-1-3', '1-1-1']
   assert [r['bn'] for r in rows] == ['own', 'own', 'recalibrated', 'own']
   for r in rows:
     assert 0 < float(r['top1_error']) < 50, r  # Chance is 90%.
@@ -131,7 +131,7 @@ def test_evaluate_writes_the_table_and_latencies(trained, evaluated):
                '--calib_examples', CALIB)
   assert again.returncode == 0, again.stderr[-3000:]
   rows = list(csv.DictReader(open(trained / 'evaluation' / 'validation.csv')))
-  assert len(rows) == 5 and '[3,3,1]' in {r['depth'] for r in rows}
+  assert len(rows) == 5 and '3-3-1' in {r['depth'] for r in rows}
 
 
 def _dominated(point, others):
@@ -183,7 +183,7 @@ def test_progressive_search_through_the_command_line(trained):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'progressive' in result.stdout
   rows = list(csv.DictReader(open(trained / 'search' / 'candidates.csv')))
-  assert 3 <= len(rows) < 27 and rows[0]['depth'] == '[3,3,3]' and rows[-1]['depth'] == '[1,1,1]'
+  assert 3 <= len(rows) < 27 and rows[0]['depth'] == '3-3-3' and rows[-1]['depth'] == '1-1-1'
 
 
 def test_export_runs_in_a_fresh_process_with_jax_and_numpy_only(trained, run, tmp_path):
@@ -261,7 +261,7 @@ def test_predict_classifies_fashion_mnist_pngs(trained, evaluated, fashion_mnist
   result = tool('predict', '--workdir', trained, '--images', *paths, '--out',
                 tmp_path / 'predictions.csv')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.splitlines()[0] == 'depth [3,3,3]'
+  assert result.stdout.splitlines()[0] == 'depth 3-3-3'
   rows = list(csv.DictReader(open(tmp_path / 'predictions.csv')))
   assert len(rows) == 20
   correct = sum(row['top1'] == names[label] for row, label in zip(rows, labels, strict=True))
@@ -276,13 +276,13 @@ def test_predict_classifies_fashion_mnist_pngs(trained, evaluated, fashion_mnist
 
 
 @pytest.mark.parametrize('module,args,message', [
-    ('evaluate', ['--depths', '2-2-9'], 'stage 2 has 9 blocks but resnet20 [3,3,3] has only 3'),
+    ('evaluate', ['--depths', '2-2-9'], 'stage 2 has 9 blocks but resnet20 3-3-3 has only 3'),
     ('evaluate', ['--depths', 'resnet99'], "unknown depth 'resnet99'"),
     ('evaluate', ['--depths', '2-2'], 'has 2 stages but resnet20 has 3'),
     ('evaluate', ['--step', '7'], 'has no checkpoint 7; it has '),
     ('evaluate', ['--step', 'first'], "argument --step: 'latest', 'best' or a step number"),
-    ('search', ['--max_flops', '1K'], '--max_flops 0.001M is below the smallest depth, [1,1,1]'),
-    ('search', ['--max_latency_ms', '0.000001'], 'is below the smallest depth, [1,1,1], which '
+    ('search', ['--max_flops', '1K'], '--max_flops 0.001M is below the smallest depth, 1-1-1'),
+    ('search', ['--max_latency_ms', '0.000001'], 'is below the smallest depth, 1-1-1, which '
      'takes'),
     ('search', ['--max_flops', 'lots'], 'a number of multiply-adds like 20M or 1.5G'),
     ('export', ['--depth', '4-1-1', '--out', 'OUT'], 'stage 0 has 4 blocks'),

@@ -14,7 +14,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 
 import pytest
 
@@ -23,7 +22,6 @@ LAUNCH = os.path.join(ROOT, 'launch')
 TPU = os.path.join(LAUNCH, 'tpu_vm.sh')
 GPU = os.path.join(LAUNCH, 'gpu_multinode.sh')
 SLURM = os.path.join(LAUNCH, 'slurm_gpu.sbatch')
-SCHEMES = os.path.join(LAUNCH, 'schemes.sh')
 
 TPU_BASE = ['--name', 'ddnn-test', '--zone', 'us-central2-b', '--project', 'my-proj']
 
@@ -312,7 +310,7 @@ def test_gpu_bad_arguments(env, args, message):
 # --- common --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('script', [TPU, GPU, SCHEMES])
+@pytest.mark.parametrize('script', [TPU, GPU])
 def test_help(env, script):
   proc = _run(script, ['--help'], env)
   assert proc.returncode == 0 and proc.stdout.startswith('Usage:')
@@ -361,41 +359,8 @@ def test_slurm_sbatch_forwards_sigterm_to_srun(env, tmp_path):
   assert '#SBATCH --signal=TERM@300' in open(SLURM).read().splitlines()
 
 
-def test_schemes_sweep_runs_every_scheme_seed_and_depth(env):
-  lines = _dry_run(SCHEMES, ['--config', 'configs/cifar10.py:r56_r44_r32', '--root', '/runs',
-                             '--seeds', '2', '--python', sys.executable,
-                             '--config.model.width=8', '--', '--extra=1'], env)
-  runs, compare = lines[:-1], lines[-1]
-  assert len(runs) == 2 * (3 + 2)  # Per seed: 3 depths alone, then DDNN and EKD.
-  workdirs = [_option(argv, '--workdir') for argv in runs]
-  assert workdirs[:5] == ['/runs/individual-9-9-9-seed0', '/runs/individual-7-7-7-seed0',
-                          '/runs/individual-5-5-5-seed0', '/runs/ddnn-seed0', '/runs/ekd-seed0']
-  assert workdirs[5:] == [w.replace('seed0', 'seed1') for w in workdirs[:5]]
-  for argv, workdir in zip(runs, workdirs, strict=True):
-    assert argv[1:4] == ['-m', 'ddnn_jax.main', '--config=configs/cifar10.py:r56_r44_r32']
-    assert argv[-2:] == ['--config.model.width=8', '--extra=1']
-    assert _option(argv, '--config.seed') == workdir[-1]
-  assert _option(runs[1], '--config.model.subnets') == '((7, 7, 7),)'
-  assert _option(runs[0], '--config.model.subnets') == '()'
-  assert _option(runs[3], '--config.mode') == 'ddnn' and _option(runs[4], '--config.mode') == 'ekd'
-  assert compare[1:3] == ['-m', 'ddnn_jax.compare'] and compare[3:-2] == workdirs
-  assert compare[-2:] == ['--out', '/runs/comparison']
-
-
-@pytest.mark.parametrize('args, message', [
-    (['--root', '/r'], 'missing required option --config'),
-    (['--config', 'configs/default.py'], 'missing required option --root'),
-    (['--config', 'configs/default.py', '--root', '/r', '--seeds', '0'], '--seeds must be'),
-    (['--config', 'configs/default.py', '--root', '/r', '--schemes', 'ekd;rm'], '--schemes must'),
-])
-def test_schemes_bad_arguments(env, args, message):
-  proc = _run(SCHEMES, [*args, '--dry-run'], env)
-  assert proc.returncode == 2 and proc.stdout == ''
-  assert len(proc.stderr.splitlines()) == 1 and message in proc.stderr, proc.stderr
-
-
 def test_scripts_are_executable():
-  for script in (TPU, GPU, SCHEMES):
+  for script in (TPU, GPU):
     assert os.access(script, os.X_OK), script
 
 

@@ -22,7 +22,7 @@ def test_default_config_learns_real_fashion_mnist(tmp_path, fashion_mnist_dir):
   assert result.returncode == 0, result.stderr[-3000:]
   with open(workdir / 'results.csv') as f:
     rows = list(csv.DictReader(f))
-  assert [r['depth'] for r in rows] == ['[3,3,3]', '[2,2,2]', '[1,1,1]']
+  assert [r['depth'] for r in rows] == ['3-3-3', '2-2-2', '1-1-1']
   errors = [float(r['top1_error']) for r in rows]
   # 10 classes: chance is 90% error. After 50 steps every depth must be far better.
   assert max(errors) < 50, errors
@@ -30,11 +30,11 @@ def test_default_config_learns_real_fashion_mnist(tmp_path, fashion_mnist_dir):
   lines = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   last_eval = [line for line in lines if 'eval/accuracy/3-3-3' in line][-1]
   for row in rows:
-    key = 'eval/accuracy/' + row['depth'].strip('[]').replace(',', '-')
+    key = 'eval/accuracy/' + row['depth']
     assert float(row['top1_error']) == pytest.approx(100 * (1 - last_eval[key]), abs=1e-4)
     assert int(row['params']) > 0 and int(row['flops']) > 0
   assert (workdir / 'accuracy_vs_flops.png').stat().st_size > 1000
-  assert '| resnet20 | [3,3,3] |' in (workdir / 'results.md').read_text()
+  assert '| resnet20 | 3-3-3 |' in (workdir / 'results.md').read_text()
   assert list((workdir / 'tb').glob('events.out.tfevents.*'))
   train_lines = [line for line in lines if 'train/loss' in line]
   for key in ('train/kl/2-2-2', 'train/kl/1-1-1', 'train/kl/3-3-3', 'train/attention/1-1-1'):

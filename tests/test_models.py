@@ -1,6 +1,7 @@
 """Model families, depth configurations, parameter sharing and sizes."""
 
 import math
+import re
 
 import chex
 import jax
@@ -103,7 +104,7 @@ def test_profile_table_lists_every_depth():
   rows = [profile.profile_subnet(model, (32, 32, 3), d)
           for d in models.depth_set('resnet56', ['resnet44', 'resnet32'])]
   table = profile.format_profile_table('resnet56', rows)
-  assert '[9,9,9]' in table and '[7,7,7]' in table and '[5,5,5]' in table
+  assert '9-9-9' in table and '7-7-7' in table and '5-5-5' in table
   assert [r.flops for r in rows] == sorted((r.flops for r in rows), reverse=True)
 
 
@@ -112,7 +113,7 @@ def test_profile_table_lists_every_depth():
     ((3, 3, 3, 3), 'has 4 stages'),
     ((0, 3, 3), 'stage 0 needs at least 1 block, got 0'),
     ((3, -1, 3), 'stage 1 needs at least 1 block, got -1'),
-    ((3, 3, 4), 'stage 2 has 4 blocks but resnet20 [3,3,3] has only 3'),
+    ((3, 3, 4), 'stage 2 has 4 blocks but resnet20 3-3-3 has only 3'),
     ((1.5, 1, 1), 'is not an integer'),
     (('2', 1, 1), 'is not an integer'),
     ((True, 1, 1), 'is not an integer'),
@@ -134,11 +135,37 @@ def test_invalid_depth_at_call_time():
     model.apply(variables, x, depth=(1, 1, 5), train=False)
 
 
+@pytest.mark.parametrize('text', ['2-1-3', '[2,1,3]', '(2, 1, 3)', '2,1,3', '2 1 3', ' [2, 1, 3] '])
+def test_every_spelling_of_a_depth_parses_to_it(text):
+  assert models.parse_depth(text) == (2, 1, 3)
+  assert models.parse_depths(text) == [(2, 1, 3)]
+  assert models.format_depth(text) == '2-1-3'
+
+
+def test_format_depth_is_the_one_notation():
+  assert models.format_depth((3, 4, 6, 3)) == '3-4-6-3' == models.depth_name((3, 4, 6, 3))
+  assert models.format_depth('resnet32') == 'resnet32'
+  assert models.parse_depth(models.format_depth((9, 1, 12))) == (9, 1, 12)
+
+
 def test_parse_depths():
   assert models.parse_depths('resnet44,5-5-5,') == ['resnet44', (5, 5, 5)]
+  assert models.parse_depths('[2,2,2],[1,1,1]') == [(2, 2, 2), (1, 1, 1)]
+  assert models.parse_depths('(2, 2, 2), (1, 1, 1)') == [(2, 2, 2), (1, 1, 1)]
+  assert models.parse_depths('2-2-2 resnet20') == [(2, 2, 2), 'resnet20']
   assert models.parse_depths('') == []
-  with pytest.raises(ValueError, match="depth '1-x' must be a name or block counts"):
-    models.parse_depths('1-x')
+
+
+@pytest.mark.parametrize('text, message', [
+    ('1-x', "depth '1-x' is not a depth"),
+    ('2-2-2,3', "'3' alone is not a depth"),
+    ('[2,2,2', 'unbalanced brackets'),
+    ('2,2]', 'unbalanced brackets'),
+    ('resnet-20', "depth 'resnet-20' is not a depth"),
+])
+def test_parse_depths_rejects(text, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    models.parse_depths(text)
 
 
 def test_named_and_listed_depths_agree():
@@ -205,7 +232,7 @@ def test_gradient_step_on_subnet_touches_only_its_blocks():
 def test_profile_command_prints_every_depth(capsys):
   profile.main(['resnet56', '--subnets', 'resnet44,5-5-5'])
   table = capsys.readouterr().out
-  assert '| [9,9,9] | 27 | 0.853 |' in table and '[7,7,7]' in table and '[5,5,5]' in table
+  assert '| 9-9-9 | 27 | 0.853 |' in table and '7-7-7' in table and '5-5-5' in table
   with pytest.raises(SystemExit) as exit_info:
     profile.main(['resnet56', '--subnets', '1-2'])
   assert exit_info.value.code == 2

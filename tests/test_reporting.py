@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import struct
+import types
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def _rows():
 def test_results_rows():
   rows = _rows()
   assert [r['name'] for r in rows] == ['full', 'sub1', 'sub2']
-  assert [r['depth'] for r in rows] == ['[3,3,3]', '[2,2,2]', '[1,1,1]']
+  assert [r['depth'] for r in rows] == ['3-3-3', '2-2-2', '1-1-1']
   assert rows[0]['params'] == 272_474 and rows[0]['flops'] == 40_560_000
   assert rows[0]['top1_error'] == pytest.approx(7.85)
   assert rows[2]['top1_error'] == pytest.approx(15.0)
@@ -114,8 +115,8 @@ def test_format_markdown_table():
   table = reporting.format_markdown_table(_rows())
   lines = table.splitlines()
   assert lines[0] == '| Net | Depth | Params (M) | FLOPs (M) | Top-1 err (%) |'
-  assert lines[2] == '| full | [3,3,3] | 0.27 | 40.6 | 7.85 |'
-  assert lines[4] == '| sub2 | [1,1,1] | 0.08 | 15.3 | 15.00 |'
+  assert lines[2] == '| full | 3-3-3 | 0.27 | 40.6 | 7.85 |'
+  assert lines[4] == '| sub2 | 1-1-1 | 0.08 | 15.3 | 15.00 |'
   assert len(lines) == 5
 
 
@@ -130,7 +131,7 @@ def test_write_results(tmp_path):
 
   markdown = open(paths['markdown']).read()
   assert markdown.startswith('# ResNet-20 on CIFAR-10\n\n| Net |')
-  assert '| sub1 | [2,2,2] | 0.18 | 27.9 | 9.99 |' in markdown
+  assert '| sub1 | 2-2-2 | 0.18 | 27.9 | 9.99 |' in markdown
 
   with open(paths['csv'], newline='') as f:
     parsed = list(csv.DictReader(f))
@@ -156,3 +157,36 @@ def test_write_results_replaces_and_rejects_empty(tmp_path):
   assert len(open(tmp_path / 'results.csv').read().splitlines()) == 2
   with pytest.raises(ValueError):
     reporting.write_results(str(tmp_path), [])
+
+
+def test_results_with_a_validation_column_and_unnamed_depths(tmp_path):
+  rows = reporting.results_rows(['resnet20', '2-2-2'], [(3, 3, 3), (2, 2, 2)], [10, 5],
+                                [2e6, 1e6], [0.9, 0.8], val_top1_acc=[0.875, 0.75])
+  assert [r['val_top1_error'] for r in rows] == [12.5, 25.0]
+  assert [r['top1_error'] for r in rows] == [pytest.approx(10.0), pytest.approx(20.0)]
+  table = reporting.format_markdown_table(rows).splitlines()
+  assert table[0].endswith('| Top-1 err (%) | Val. err (%) |')
+  assert table[3] == '| 2-2-2 | 2-2-2 | 0.00 | 1.0 | 20.00 | 25.00 |'
+  reporting.write_results(str(tmp_path), rows)
+  with open(tmp_path / 'results.csv', newline='') as f:
+    parsed = list(csv.DictReader(f))
+  assert [float(r['val_top1_error']) for r in parsed] == [12.5, 25.0]
+  with pytest.raises(ValueError, match='lengths'):
+    reporting.results_rows(['a'], [(1, 1, 1)], [1], [1], [0.5], val_top1_acc=[0.5, 0.5])
+
+
+def test_depth_results_name_unnamed_depths_by_their_blocks():
+  profiles = [types.SimpleNamespace(depth=d, params=1, flops=1)
+              for d in ((3, 3, 3), (2, 2, 2), (1, 2, 1))]
+  rows = reporting.depth_results('resnet20', profiles, [0.5, 0.5, 0.5])
+  assert [r['name'] for r in rows] == ['resnet20', '2-2-2', '1-2-1']
+  assert all(r['val_top1_error'] is None for r in rows)
+  assert 'Val.' not in reporting.format_markdown_table(rows)
+
+
+def test_eval_scalars_name_test_and_validation_apart():
+  scalars = reporting.eval_scalars({'accuracy': [0.9, 0.8], 'ce': [0.3, 0.5]}, ['3-3-3', '1-1-1'],
+                                   2, {'accuracy': [0.85, 0.7], 'ce': [0.4, 0.6]})
+  assert scalars['eval/accuracy/1-1-1'] == pytest.approx(0.8)
+  assert scalars['val/accuracy/1-1-1'] == pytest.approx(0.7)
+  assert scalars['val/ce/3-3-3'] == pytest.approx(0.4) and scalars['epoch'] == 2.0
