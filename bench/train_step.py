@@ -69,7 +69,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from ddnn_jax import models, parallel, profile, steps  # noqa: E402
+from ddnn_jax import flops, models, parallel, steps  # noqa: E402
 
 
 def compile_step(model, depths, mode, batch, image_shape, shared_trunk, mesh):
@@ -149,8 +149,8 @@ def main():
   base = seconds.get(full)
   total = sum(seconds[n] for n in alone) if all(n in seconds for n in alone) else None
   total_flops = sum(runs[n]['flops'] for n in alone) if total else None
-  forward = profile.shared_trunk_flops(model(), image_shape, depths) / sum(
-      profile.profile_subnet(model(), image_shape, d).flops for d in depths)
+  forward = flops.shared_trunk_flops(model(), image_shape, depths) / sum(
+      flops.profile_subnet(model(), image_shape, d).flops for d in depths)
   lines = [
       '| step | ms | img/s | GFLOP/step | GFLOP/s | peak MiB/device | compile s | / full alone | '
       '/ sum alone | FLOPs / sum alone |',

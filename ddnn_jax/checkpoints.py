@@ -9,6 +9,7 @@ and, for evaluated steps, ``metrics`` (eval accuracy per depth and their mean). 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -16,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from ddnn_jax import divergence
-from ddnn_jax.config_lib import UsageError
+from ddnn_jax.errors import UsageError
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -170,6 +172,23 @@ def restore_variables(workdir: str | os.PathLike, which: str | int = 'latest',
   """
   if not (epath.Path(workdir) / CHECKPOINT_DIR).exists():
     raise CheckpointError(f'{workdir} holds no checkpoint: train first (python -m ddnn_jax.main)')
+  with _quiet_orbax():
+    return _restore_variables(workdir, which)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax warns on every read-only load (read-only manager, no metadata file): nothing a
+  user could act on, so loading a run for inference is quiet unless it fails."""
+  previous = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(previous)
+
+
+def _restore_variables(workdir, which):
   manager = create_manager(workdir, read_only=True)
   try:
     step = resolve_step(manager, which)

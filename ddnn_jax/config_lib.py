@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from ddnn_jax import data, datasets, errors, losses, models
@@ -302,9 +301,7 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
   if steps_per_epoch == 0:
     raise ConfigError(f'train.batch_size={config.train.batch_size}: must not exceed the '
                       f'{num_train} training examples')
-  model = models.create_model(config.model.arch, info.num_classes, width=config.model.width,
-                              dtype=jnp.dtype(config.model.dtype),
-                              bn_momentum=config.model.bn_momentum, remat=config.model.remat)
+  model = models.from_config(config)
   devices = jax.device_count()
   eval_batch_size = -(-config.train.eval_batch_size // devices) * devices
   return RunSetup(model, depths, data_dir, info, steps_per_epoch,

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import datasets, errors, prepare
+from ddnn_jax import datasets, errors, preparation
 
 Batch = dict[str, np.ndarray]
 
@@ -52,7 +52,7 @@ _EVAL_CROP_FRACTION = 0.875  # ImageNet eval: 224 center crop of the 256 resize
 
 
 def _resolve_data_dir(data_dir: str | None) -> str:
-  return os.path.expanduser(data_dir or prepare.default_data_dir())
+  return os.path.expanduser(data_dir or preparation.default_data_dir())
 
 
 def _how_to_prepare(name: str, data_dir: str) -> str:
@@ -112,11 +112,11 @@ def ensure_prepared(name: str, data_dir: str | None,
     return data_dir
   except DataError:
     pass
-  if source_dir and prepare.has_source(name, source_dir):
+  if source_dir and preparation.has_source(name, source_dir):
     print(f'Preparing {name} from {source_dir} into {data_dir} (one-off).')
     try:
-      prepare.prepare(name, source_dir, data_dir)
-    except prepare.PrepareError as e:
+      preparation.prepare(name, source_dir, data_dir)
+    except preparation.PrepareError as e:
       raise DataError(f'cannot prepare {name} from {source_dir}: {e}') from e
     return data_dir
   raise DataError(_how_to_prepare(name, data_dir))

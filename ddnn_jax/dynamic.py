@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddnn_jax import config_lib, evaluate, inference, models, steps
+from ddnn_jax import deploy, errors, inference, models, steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,56 +34,39 @@ class Prediction:
     return [[(int(c), float(p[c])) for c in row] for row, p in zip(order, self.probabilities)]
 
 
-def measured(
-    run: inference.TrainedRun) -> tuple[dict[models.Depth, float], dict[models.Depth, float]]:
-  """({depth: evaluated top-1 error (%)}, {depth: batch-1 latency (ms) on this backend}).
-
-  Errors are those ``ddnn_jax.evaluate`` wrote for this checkpoint's step, the
-  validation split's where both exist.
-  """
-  errors = {}
-  for split in ('test', 'validation'):  # Validation wins where both exist.
-    for row in evaluate.read_rows(run.workdir, split):
-      if int(row['step']) == run.step:
-        errors[evaluate.row_depth(row)] = float(row['top1_error'])
-  table = inference.LatencyTable(run.workdir)
-  latencies = {d: table.get(d, 1) for d in errors if table.get(d, 1) is not None}
-  return errors, latencies
-
-
 def choose(run: inference.TrainedRun, depths: Sequence[models.Depth],
-           errors: dict[models.Depth, float], latencies: dict[models.Depth, float],
+           error_rates: dict[models.Depth, float], latencies: dict[models.Depth, float],
            latency_ms: float) -> models.Depth:
   """The most accurate of ``depths`` whose batch-1 latency is within ``latency_ms``."""
-  known = [d for d in depths if d in errors and d in latencies]
+  known = [d for d in depths if d in error_rates and d in latencies]
   if not known:
-    raise config_lib.UsageError(
+    raise errors.UsageError(
         f'no depth of {run.workdir} has both an evaluated accuracy and a measured latency on '
         f'{inference.backend_key()}: run python -m ddnn_jax.evaluate on it first')
   fitting = [d for d in known if latencies[d] <= latency_ms]
   if not fitting:
     fastest = min(known, key=latencies.get)
-    raise config_lib.UsageError(
+    raise errors.UsageError(
         f'no depth runs within {latency_ms:g} ms: the fastest, {models.format_depth(fastest)}, '
         f'takes {latencies[fastest]:.2f} ms at batch 1 on {inference.backend_key()}')
-  return min(fitting, key=lambda d: (errors[d], latencies[d]))
+  return min(fitting, key=lambda d: (error_rates[d], latencies[d]))
 
 
 class DynamicModel:
   """A trained run's depths, each ready to run, over one parameter tree."""
 
   def __init__(self, run: inference.TrainedRun, depths: Sequence[models.Depth],
-               batch_stats: dict[models.Depth, Any], errors: dict[models.Depth, float],
+               batch_stats: dict[models.Depth, Any], error_rates: dict[models.Depth, float],
                latencies: dict[models.Depth, float], batch_size: int):
     self.run = run
     self.depths = tuple(depths)
     self.batch_size = batch_size
     self.class_names = run.class_names()
-    self.errors = errors  # Evaluated top-1 error (%) of the depths that have one.
+    self.errors = error_rates  # Evaluated top-1 error (%) of the depths that have one.
     self.latencies = latencies  # Measured ms at batch 1 on this backend.
     self._params = jax.device_put(run.params)  # The one shared tree.
     self._stats = {d: jax.device_put(batch_stats[d]) for d in self.depths}
-    self._scale, self._shift = run.spec.normalization()
+    self._scale, self._shift = run.normalization()
     self._guards = {d: steps.trace_guard(
         lambda params, stats, images, d=d: steps.depth_logits(
             run.model.apply, params, stats, images, d),
@@ -108,19 +91,19 @@ class DynamicModel:
     (validation split first); latencies from ``workdir/latency.json`` on this backend.
     """
     run = inference.load_run(workdir, step)
-    errors, latencies = measured(run)
+    error_rates, latencies = deploy.measured(run)
     if depths == 'evaluated':
-      chosen = [d for d in run.all_depths() if d in errors and d in latencies]
+      chosen = [d for d in run.all_depths() if d in error_rates and d in latencies]
     elif isinstance(depths, str):
-      chosen = evaluate.parse_depths(run, depths)
+      chosen = deploy.parse_depths(run, depths)
     else:
       chosen = list(dict.fromkeys(run.resolve(d) for d in depths))
     if not chosen:
-      raise config_lib.UsageError(f'no depths to load from {workdir}' + (
+      raise errors.UsageError(f'no depths to load from {workdir}' + (
           ': none has an evaluated accuracy and latency (run python -m ddnn_jax.evaluate)'
           if depths == 'evaluated' else ''))
     stats = {d: inference.stats_for(run, d, calib_examples)[0] for d in chosen}
-    return cls(run, chosen, stats, {d: errors[d] for d in chosen if d in errors},
+    return cls(run, chosen, stats, {d: error_rates[d] for d in chosen if d in error_rates},
                {d: latencies[d] for d in chosen if d in latencies}, batch_size)
 
   def choose(self, latency_ms: float) -> models.Depth:
@@ -132,7 +115,7 @@ class DynamicModel:
     [0, 255] (uint8 or float), normalised here as in training."""
     depth = self.run.resolve(depth)
     if depth not in self._apply:
-      raise config_lib.UsageError(f'depth {models.format_depth(depth)} was not loaded; loaded: '
+      raise errors.UsageError(f'depth {models.format_depth(depth)} was not loaded; loaded: '
                                   f'{", ".join(map(models.format_depth, self.depths))}')
     pixels = np.asarray(pixels)
     if pixels.ndim != 4 or pixels.shape[1:] != self.run.image_shape:

@@ -9,7 +9,9 @@ DIR holds
                   (recalibrated if the run did not train it), flat 'params/...' keys;
   metadata.json   depth, input shape and normalisation, class names, params, FLOPs,
                   accuracy, jax version.
-Loading needs jax and numpy only (``LOADER`` below, also in the README).
+Loading it needs exactly ``REQUIREMENTS`` (``LOADER`` below, also in the README): jax
+(which brings jaxlib, numpy, ml_dtypes, opt_einsum and scipy) and flatbuffers, which
+``jax.export`` deserialisation imports; nothing of ddnn_jax, flax or orbax (tested).
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ddnn_jax import cli, config_lib, evaluate, inference, models, profile, steps
+from ddnn_jax import cli, deploy, errors, flops, inference, models, steps
+
+# What a process loading an artifact imports, and what to pip install for it.
+REQUIREMENTS = {
+    'pip': ['jax>={version}', 'flatbuffers'],
+    'imports': ['jax', 'jaxlib', 'numpy', 'ml_dtypes', 'opt_einsum', 'scipy', 'flatbuffers'],
+    'note': ('jax.export artifacts load in this jax version and later ones (within '
+             "jax.export's backward-compatibility window); jax itself brings jaxlib, "
+             'numpy, ml_dtypes, opt_einsum and scipy'),
+}
 
 LOADER = '''\
 import jax, numpy as np
@@ -40,7 +51,7 @@ logits = exported.call(variables, pixels)  # pixels: float32 [batch, H, W, C] in
 def export_depth(run: inference.TrainedRun, depth: models.Depth, batch_stats: dict[str, Any]
                  ) -> tuple[bytes, dict[str, np.ndarray]]:
   """(serialized StableHLO, flat variables) of ``depth``: pixels in [0, 255] -> logits."""
-  scale, shift = run.spec.normalization()
+  scale, shift = run.normalization()
   flat = inference.flatten({'params': run.used_params(depth), 'batch_stats': batch_stats})
 
   def logits(variables: dict[str, jax.Array], pixels: jax.Array) -> jax.Array:
@@ -58,18 +69,18 @@ def export_depth(run: inference.TrainedRun, depth: models.Depth, batch_stats: di
 
 def _error_on(run: inference.TrainedRun, depth: models.Depth) -> dict[str, float]:
   """Top-1 errors of ``depth`` from ``ddnn_jax.evaluate`` results at this step, by split."""
-  errors = {}
+  found = {}
   for split in ('test', 'validation'):
-    for row in evaluate.read_rows(run.workdir, split):
-      if evaluate.row_depth(row) == depth and int(row['step']) == run.step:
-        errors[split] = float(row['top1_error'])
-  return errors
+    for row in deploy.read_rows(run.workdir, split):
+      if deploy.row_depth(row) == depth and int(row['step']) == run.step:
+        found[split] = float(row['top1_error'])
+  return found
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.ArgumentParser(prog='python -m ddnn_jax.export',
                               description=__doc__.split('\n\n')[0])
-  evaluate.add_run_flags(parser)
+  deploy.add_run_flags(parser)
   parser.add_argument('--depth', required=True, help='the depth to export, e.g. 2-2-2 or resnet32')
   parser.add_argument('--out', required=True, help='directory to write (new or empty)')
   parser.add_argument('--force', action='store_true', help='replace a non-empty --out')
@@ -79,17 +90,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   out = os.path.abspath(args.out)
   if os.path.exists(out) and not os.path.isdir(out):
-    raise config_lib.UsageError(f'--out {out} exists and is not a directory')
+    raise errors.UsageError(f'--out {out} exists and is not a directory')
   if os.path.isdir(out) and os.listdir(out) and not args.force:
-    raise config_lib.UsageError(f'--out {out} exists and is not empty (use --force to replace '
+    raise errors.UsageError(f'--out {out} exists and is not empty (use --force to replace '
                                 'it)')
   run = inference.load_run(args.workdir, args.step)
   depth = run.resolve(args.depth)
 
   stats, recalibrated = inference.stats_for(run, depth, args.calib_examples)
   serialized, variables = export_depth(run, depth, stats)
-  size = profile.profile_subnet(run.model, run.image_shape, depth)
-  scale, shift = run.spec.normalization()
+  size = flops.profile_subnet(run.model, run.image_shape, depth)
+  scale, shift = run.normalization()
   metadata = {
       'depth': list(depth), 'depth_name': models.depth_name(depth),
       'arch': run.config.model.arch, 'name': models.depth_label(run.config.model.arch, depth),
@@ -104,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       'params': size.params, 'flops': size.flops,
       'top1_error': _error_on(run, depth),
       'jax_version': jax.__version__,
+      'requirements': {**REQUIREMENTS,
+                       'pip': [r.format(version=jax.__version__) for r in REQUIREMENTS['pip']]},
       'loader': LOADER.format(out=out),
   }
   # Written next to --out and renamed into place: never a half-written artifact.
@@ -128,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(f'exported {models.format_depth(depth)} ({size.params:,} params, '
         f'{size.flops / 1e6:.2f}M FLOPs, BN {metadata["batch_norm"]}) to {out}: ' +
         ', '.join(f'{name} {n / 1024:.1f} KiB' for name, n in sizes.items()))
-  print('load it with jax and numpy only:\n' + LOADER.format(out=out))
+  print(f'load it with {" and ".join(metadata["requirements"]["pip"])} installed '
+        '(nothing of ddnn_jax):\n' + LOADER.format(out=out))
 
 
 if __name__ == '__main__':

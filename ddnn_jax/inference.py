@@ -20,12 +20,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 
-from ddnn_jax import (checkpoints, config_lib, data, datasets, models, reporting, steps,
+from ddnn_jax import (checkpoints, config_lib, data, datasets, errors, models, reporting, steps,
                       workdir as workdir_lib)
 
 LATENCY_FILE = 'latency.json'
@@ -46,6 +45,7 @@ class TrainedRun:
   params: dict[str, Any]
   batch_stats: dict[str, Any]  # depth_name -> statistics, for the depths the run trained
   trained_depths: tuple[models.Depth, ...]
+  facts: dict[str, Any] | None = None  # workdir/dataset.json (None: a run from before it).
 
   @property
   def full_depth(self) -> models.Depth:
@@ -61,7 +61,7 @@ class TrainedRun:
         spec = models.parse_depth(spec)
       return models.resolve_depth(spec, self.config.model.arch)
     except ValueError as err:
-      raise config_lib.UsageError(str(err)) from None
+      raise errors.UsageError(str(err)) from None
 
   def all_depths(self) -> list[models.Depth]:
     """Every depth configuration of the net, full net first, then fewer blocks."""
@@ -69,7 +69,10 @@ class TrainedRun:
 
   def used_params(self, depth: models.Depth) -> dict[str, Any]:
     """The parameters ``depth`` runs: the full net's tree without the skipped blocks."""
-    return _select(self.params, _used_shapes(self.model, self.image_shape, depth)['params'])
+    return models.select_used(self.params, self._shapes(depth)['params'])
+
+  def _shapes(self, depth: models.Depth):
+    return models.variable_shapes(self.model, self.image_shape, depth)
 
   def full_net_stats(self, depth: models.Depth) -> dict[str, Any] | None:
     """The full net's BN statistics of the modules ``depth`` runs (what a depth would be
@@ -77,35 +80,32 @@ class TrainedRun:
     full = self.batch_stats.get(models.depth_name(self.full_depth))
     if full is None:
       return None
-    return _select(full, _used_shapes(self.model, self.image_shape, depth)['batch_stats'])
+    return models.select_used(full, self._shapes(depth)['batch_stats'])
 
   def placeholder_stats(self, depth: models.Depth) -> dict[str, Any]:
     """BN statistics of the right shapes for ``depth`` (zero means, unit variances)."""
-    shapes = _used_shapes(self.model, self.image_shape, depth)['batch_stats']
+    shapes = self._shapes(depth)['batch_stats']
     return _map_bn(shapes, lambda mean, var: {'mean': np.zeros(mean.shape, np.float32),
                                               'var': np.ones(var.shape, np.float32)})
 
   def class_names(self) -> tuple[str, ...]:
-    names = _class_names(self.config)
+    """The label names the run trained with (from its dataset.json; older runs: from the
+    data, if present), else the class indices as strings."""
+    names = tuple(self.facts['class_names']) if self.facts else _class_names(self.config)
     return names if len(names) == self.spec.num_classes else tuple(
         str(i) for i in range(self.spec.num_classes))
+
+  def normalization(self) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per channel: pixels in [0, 255] are fed as pixels * scale - shift."""
+    if self.facts:
+      norm = self.facts['normalization']
+      return np.asarray(norm['scale'], np.float32), np.asarray(norm['shift'], np.float32)
+    return self.spec.normalization()
 
 
 def enumerate_depths(full: models.Depth) -> list[models.Depth]:
   return [tuple(int(n) for n in depth) for depth in np.ndindex(*full)
           for depth in [tuple(i + 1 for i in depth)]]
-
-
-def _select(tree, like):
-  if not isinstance(like, dict):
-    return tree
-  return {k: _select(tree[k], v) for k, v in like.items()}
-
-
-def _used_shapes(model: models.DDNN, image_shape, depth: models.Depth):
-  image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, depth=depth, train=False),
-                        image)
 
 
 def _class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -120,12 +120,12 @@ def _class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / workdir_lib.CONFIG_FILE
   if not path.exists():
-    raise config_lib.UsageError(f'{workdir} is not a ddnn_jax workdir (no {path.name}): give '
-                                'the --workdir of a python -m ddnn_jax.main run')
+    raise errors.UsageError(f'{workdir} is not a ddnn_jax workdir (no {path.name}): give '
+                            'the --workdir of a python -m ddnn_jax.main run')
   try:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
   except (OSError, ValueError) as err:
-    raise config_lib.UsageError(f'cannot read {path}: {err}') from None
+    raise errors.UsageError(f'cannot read {path}: {err}') from None
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -138,15 +138,11 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def load_run(workdir: str, step: str | int = 'latest') -> TrainedRun:
   """The run in ``workdir`` at a checkpoint: 'latest', 'best' or a step number."""
   config = load_config(workdir)
-  spec = datasets.get(config.data.dataset)
-  image_shape = input_shape(config)
-  model = models.create_model(config.model.arch, spec.num_classes, width=config.model.width,
-                              dtype=jnp.dtype(config.model.dtype),
-                              bn_momentum=config.model.bn_momentum)
   step, params, batch_stats = checkpoints.restore_variables(workdir, step)
   trained = tuple(d for d in config_lib.depths_of(config) if models.depth_name(d) in batch_stats)
-  return TrainedRun(str(workdir), config, model, spec, image_shape, step, params, batch_stats,
-                    trained)
+  return TrainedRun(str(workdir), config, models.from_config(config),
+                    datasets.get(config.data.dataset), input_shape(config), step, params,
+                    batch_stats, trained, workdir_lib.read_dataset_facts(workdir))
 
 
 # --- inference of one depth ----------------------------------------------------------
@@ -158,17 +154,27 @@ def logits_fn(model: models.DDNN, depth: models.Depth):
       model.apply, params, stats, images, depth))
 
 
+def require_data(run: TrainedRun, what: str) -> str:
+  """The run's tfds data_dir; a one-line DataError saying that ``what`` needs the data if
+  it is not there (a copied workdir predicts and exports without it, but evaluating a
+  split or recalibrating BN statistics reads images)."""
+  try:
+    return data.ensure_prepared(run.config.data.dataset, run.config.data.data_dir, None)
+  except errors.DataError as err:
+    raise errors.DataError(f'{what} needs the run\'s data: {err}') from None
+
+
 def _batches(run: TrainedRun, split: str, batch_size: int,
              subset: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   config = run.config
-  data_dir = data.ensure_prepared(config.data.dataset, config.data.data_dir, None)
+  data_dir = require_data(run, f'the {split} split')
   try:
     yield from data.create_eval_iterator(
         config.data.dataset, data_dir, global_batch_size=batch_size,
         image_size=config.data.image_size, subset=subset, split=split,
         validation_examples=config.data.validation_examples)
   except ValueError as err:
-    raise config_lib.UsageError(str(err)) from None
+    raise errors.UsageError(str(err)) from None
 
 
 class SplitCache:
@@ -236,7 +242,7 @@ def recalibrate(run: TrainedRun, depth: models.Depth, batches: Iterable[dict]) -
     sums = weighted if sums is None else jax.tree.map(np.add, sums, weighted)
     total += n
   if not total:
-    raise config_lib.UsageError('no calibration images')
+    raise errors.UsageError('no calibration images')
   return _map_bn(sums, lambda s1, s2: {
       'mean': (s1 / total).astype(np.float32),
       'var': np.maximum(s2 / total - np.square(s1 / total), 0.0).astype(np.float32)})

@@ -52,12 +52,12 @@ def main(argv: list[str]) -> None:
                      processes=FLAGS.num_processes or 1)
   # Imported after flag parsing: jax must not initialise before jax.distributed does.
   # pylint: disable-next=g-import-not-at-top
-  from ddnn_jax import config_lib, data, divergence, parallel, preemption, train
+  from ddnn_jax import divergence, parallel, preemption, train
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, detect=FLAGS.distributed)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (config_lib.UsageError, data.DataError) as err:
+  except errors.UsageError as err:  # Config, data, workdir and checkpoint problems.
     fail(str(err))
   except divergence.Diverged as err:
     fail(str(err), divergence.EXIT_CODE)

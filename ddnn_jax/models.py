@@ -408,6 +408,30 @@ def create_model(arch: str, num_classes: int, *, width: int | None = None,
               bn_momentum=bn_momentum, remat=remat)
 
 
+def from_config(config) -> DDNN:
+  """The net of a run (``config.model`` on ``config.data.dataset``): the one function
+  training and every deploy tool build a run's model with."""
+  from ddnn_jax import datasets  # pylint: disable=g-import-not-at-top
+  return create_model(config.model.arch, datasets.get(config.data.dataset).num_classes,
+                      width=config.model.width, dtype=jnp.dtype(config.model.dtype),
+                      bn_momentum=config.model.bn_momentum, remat=config.model.remat)
+
+
+def variable_shapes(model: DDNN, image_shape: Sequence[int], depth: Depth | None = None):
+  """The variables (params, batch_stats) ``depth`` uses, as shapes: nothing is computed."""
+  image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, depth=depth, train=False),
+                        image)
+
+
+def select_used(tree, like):
+  """The sub-tree of ``tree`` with the keys of ``like``: e.g. the full net's parameters
+  restricted to those a depth uses (``like``: that depth's ``variable_shapes``)."""
+  if not isinstance(like, dict):
+    return tree
+  return {k: select_used(tree[k], v) for k, v in like.items()}
+
+
 def depth_set(arch: str, subnets: Sequence[DepthSpec] = ()) -> tuple[Depth, ...]:
   """The full net's depth followed by the sub-nets', largest first, all validated.
 

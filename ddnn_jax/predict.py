@@ -9,21 +9,19 @@ their probabilities are printed per image, with the depth used, and written to
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ddnn_jax import cli, config_lib, dynamic, evaluate, inference, models, reporting
+from ddnn_jax import cli, deploy, dynamic, errors, inference, models, reporting
 
 
 def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
   """An image file as pixels [H, W, C] in [0, 255], resized (bilinear) to ``shape``."""
   if not os.path.isfile(path):
-    raise config_lib.UsageError(f'{path} is not a file')
+    raise errors.UsageError(f'{path} is not a file')
   try:
     with Image.open(path) as image:
       image = image.convert('L' if shape[2] == 1 else 'RGB')
@@ -31,14 +29,14 @@ def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
         image = image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
       pixels = np.asarray(image, np.float32)
   except (UnidentifiedImageError, OSError) as err:
-    raise config_lib.UsageError(f'{path} is not a readable image ({err})') from None
+    raise errors.UsageError(f'{path} is not a readable image ({err})') from None
   return pixels.reshape(shape)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.ArgumentParser(prog='python -m ddnn_jax.predict',
                               description=__doc__.split('\n\n')[0])
-  evaluate.add_run_flags(parser)
+  deploy.add_run_flags(parser)
   parser.add_argument('--images', nargs='+', required=True, help='PNG or JPEG files')
   choice = parser.add_mutually_exclusive_group()
   choice.add_argument('--depth', help='depth to run, e.g. 2-2-2 (default: the full net)')
@@ -48,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--out', help='also write the predictions to this CSV file')
   args = parser.parse_args(argv)
   if args.out and os.path.isdir(args.out):
-    raise config_lib.UsageError(f'--out {args.out} is a directory')
+    raise errors.UsageError(f'--out {args.out} is a directory')
 
   # Every image is read before the (slower) model: a bad file fails at once.
   shape = inference.input_shape(inference.load_config(args.workdir))
@@ -73,11 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                  **{f'top{i + 1}': names[c] for i, (c, _) in enumerate(top)},
                  **{f'p{i + 1}': f'{p:.6f}' for i, (_, p) in enumerate(top)}})
   if args.out:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator='\n')
-    writer.writeheader()
-    writer.writerows(rows)
-    reporting.atomic_write(args.out, buf.getvalue().encode())
+    reporting.atomic_write(args.out, reporting.csv_text(rows, list(rows[0])).encode())
 
 
 if __name__ == '__main__':

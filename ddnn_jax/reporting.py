@@ -265,13 +265,22 @@ def format_markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+def csv_text(rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
+  """Rows (dicts) as CSV with the columns ``fields`` (others ignored, missing ones empty):
+  the one CSV writer of every table ddnn_jax writes."""
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction='ignore',
+  writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction='ignore',
                           lineterminator='\n')
   writer.writeheader()
   writer.writerows(rows)
   return buf.getvalue()
+
+
+def read_csv(path: str) -> list[dict[str, str]]:
+  """The rows of a CSV file ddnn_jax wrote ([] if it does not exist)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(path)
+  return list(csv.DictReader(io.StringIO(path.read_text()))) if path.exists() else []
 
 
 def new_figure(size: tuple[float, float] = (6, 4.5)):
@@ -353,7 +362,7 @@ def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
   }
   contents = {
       'markdown': (heading + format_markdown_table(rows)).encode(),
-      'csv': _csv_text(rows).encode(),
+      'csv': csv_text(rows, CSV_FIELDS).encode(),
       'plot': _plot_png(rows, title),
   }
   for key, path in paths.items():

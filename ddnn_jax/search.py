@@ -9,38 +9,25 @@ one block at a time, keeping at each size the ``--beam`` candidates that lose th
 accuracy per FLOP saved. Each candidate is evaluated on the validation split (held out
 of training) with its own BN statistics if the run trained it, recalibrated otherwise.
 Writes ``W/search/candidates.csv`` (all), ``pareto.csv`` (the fronts of error against
-FLOPs and against batch-1 latency) and ``pareto.png``, and prints the best depth under
-each budget given. Train the chosen depths further with ``--config.init_from=W``.
+FLOPs and against batch-1 latency), ``pareto.md``, ``summary.json`` (fronts and the best
+depth under each budget) and ``pareto.png``, and prints the best depth under each budget
+given. With ``--split test`` (runs without a validation split) every one of them says
+that the choice was made on the test split, which is then no held-out estimate. Train the chosen depths further with ``--config.init_from=W``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from etils import epath
 
-from ddnn_jax import cli, config_lib, evaluate, inference, models, profile, reporting
+from ddnn_jax import cli, deploy, errors, flops, inference, models, reporting
 
 SEARCH_DIR = 'search'
 Scores = Mapping[models.Depth, tuple[float, float]]  # depth -> (top-1 error, FLOPs)
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-  """Indices of the points no other point beats: lower or equal cost and error, one lower.
-
-  ``points`` are (cost, error) pairs. Returned by increasing cost.
-  """
-  order = sorted(range(len(points)), key=lambda i: points[i])
-  front, best_error = [], math.inf
-  for i in order:
-    if points[i][1] < best_error:
-      front.append(i)
-      best_error = points[i][1]
-  return front
 
 
 def children(depth: models.Depth) -> list[models.Depth]:
@@ -71,22 +58,10 @@ def progressive_search(full: models.Depth,
       scores.update(evaluate_fn(new))
 
     def cost_of_removal(child):
-      error, flops = scores[child]
-      return min((error - scores[p][0]) / max(scores[p][1] - flops, 1) for p in parents[child])
+      error, macs = scores[child]
+      return min((error - scores[p][0]) / max(scores[p][1] - macs, 1) for p in parents[child])
 
     frontier = sorted(parents, key=lambda d: (cost_of_removal(d), d))[:beam]
-
-
-def parse_flops(text: str) -> float:
-  """'20M', '1.5G', '800K' or a plain number of multiply-adds."""
-  scale = {'K': 1e3, 'M': 1e6, 'G': 1e9}.get(text[-1:].upper(), 1)
-  try:
-    value = float(text[:-1] if scale != 1 else text) * scale
-  except ValueError:
-    value = math.nan
-  if not 0 < value < math.inf:
-    raise cli.ArgumentTypeError(f"a number of multiply-adds like 20M or 1.5G, not {text!r}")
-  return value
 
 
 def best_under(rows: Sequence[Mapping[str, Any]], key: str, budget: float
@@ -95,16 +70,8 @@ def best_under(rows: Sequence[Mapping[str, Any]], key: str, budget: float
   return min(fitting, key=lambda r: (float(r['top1_error']), float(r[key]))) if fitting else None
 
 
-def _csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> bytes:
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=fields, extrasaction='ignore', lineterminator='\n')
-  writer.writeheader()
-  writer.writerows(rows)
-  return buf.getvalue().encode()
-
-
 def _plot(rows: Sequence[Mapping[str, Any]], fronts: Mapping[str, list[int]],
-          title: str) -> bytes:
+          title: str, split: str) -> bytes:
   fig, canvas = reporting.new_figure((11, 4.5))
   for panel, (key, label) in enumerate((('flops', 'FLOPs (M multiply-adds)'),
                                         ('latency_ms_batch_1', 'Latency at batch 1 (ms)'))):
@@ -123,7 +90,7 @@ def _plot(rows: Sequence[Mapping[str, Any]], fronts: Mapping[str, list[int]],
       ax.annotate(rows[i]['depth'], (x[i], y[i]), textcoords='offset points', xytext=(4, 4),
                   fontsize=7)
     ax.set_xlabel(label)
-    ax.set_ylabel('Top-1 error (%), validation')
+    ax.set_ylabel(f'Top-1 error (%), {split}')
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
@@ -133,9 +100,9 @@ def _plot(rows: Sequence[Mapping[str, Any]], fronts: Mapping[str, list[int]],
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.ArgumentParser(prog='python -m ddnn_jax.search',
                               description=__doc__.split('\n\n')[0])
-  evaluate.add_run_flags(parser)
-  evaluate.add_measure_flags(parser)
-  parser.add_argument('--max_flops', type=parse_flops,
+  deploy.add_run_flags(parser)
+  deploy.add_measure_flags(parser)
+  parser.add_argument('--max_flops', type=deploy.parse_flops,
                       help='print the best depth within this many multiply-adds, e.g. 20M')
   parser.add_argument('--max_latency_ms', type=cli.positive_float,
                       help='print the best depth within this latency at batch 1')
@@ -148,11 +115,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   run = inference.load_run(args.workdir, args.step)
-  evaluate.check_split(run, args.split)
+  deploy.check_split(run, args.split)
+  deploy.warn_if_selecting_on_test(args.split, 'the depths and their fronts are')
   smallest = (1,) * len(run.full_depth)
-  smallest_flops = profile.profile_subnet(run.model, run.image_shape, smallest).flops
+  smallest_flops = flops.profile_subnet(run.model, run.image_shape, smallest).flops
   if args.max_flops is not None and args.max_flops < smallest_flops:
-    raise config_lib.UsageError(
+    raise errors.UsageError(
         f'--max_flops {args.max_flops / 1e6:g}M is below the smallest depth, '
         f'{models.format_depth(smallest)}, which needs {smallest_flops / 1e6:.2f}M')
   latencies = inference.LatencyTable(run.workdir)
@@ -161,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     fastest = latencies.measure(run, smallest, run.placeholder_stats(smallest), 1,
                                 args.latency_repeats)
     if args.max_latency_ms < fastest:
-      raise config_lib.UsageError(
+      raise errors.UsageError(
           f'--max_latency_ms {args.max_latency_ms:g} is below the smallest depth, '
           f'{models.format_depth(smallest)}, which takes {fastest:.2f} ms at batch 1 on '
           f'{inference.backend_key()}')
@@ -171,9 +139,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   rows_by_depth: dict[models.Depth, dict[str, Any]] = {}
 
   def evaluate_fn(depths: list[models.Depth]) -> dict[models.Depth, tuple[float, float]]:
-    rows = evaluate.evaluate_depths(run, depths, args.split, args.calib_examples,
-                                    args.batch_size, args.latency_repeats, bar=bar,
-                                    split_batches=split_batches)
+    rows = deploy.evaluate_depths(run, depths, args.split, args.calib_examples,
+                                  args.batch_size, args.latency_repeats, bar=bar,
+                                  split_batches=split_batches)
     rows_by_depth.update(zip(depths, rows, strict=True))
     return {d: (float(rows_by_depth[d]['top1_error']), float(rows_by_depth[d]['flops']))
             for d in depths}
@@ -188,42 +156,57 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
       progressive_search(run.full_depth, evaluate_fn, args.beam)
 
-  rows = evaluate.merge_rows([], list(rows_by_depth.values()))
-  fronts = {key: pareto_front([(float(r[key]), float(r['top1_error'])) for r in rows])
+  rows = deploy.merge_rows([], list(rows_by_depth.values()))
+  fronts = {key: deploy.pareto_front([(float(r[key]), float(r['top1_error'])) for r in rows])
             for key in ('flops', 'latency_ms_batch_1')}
   for r_index, r in enumerate(rows):
     r['trained'] = r['bn'] == 'own'
     r['on_flops_front'] = r_index in fronts['flops']
     r['on_latency_front'] = r_index in fronts['latency_ms_batch_1']
+    r['selected_on'] = args.split
   axes = (('flops', 'flops'), ('latency', 'latency_ms_batch_1'))
   pareto = [{'front': front, **rows[i]} for front, key in axes for i in fronts[key]]
   out = epath.Path(args.workdir) / SEARCH_DIR
   out.mkdir(parents=True, exist_ok=True)
-  fields = [f for f in evaluate.FIELDS if f != 'top1_error_full_net_bn']
+  fields = [f for f in deploy.FIELDS if f != 'top1_error_full_net_bn']
+  label = deploy.selection_label(args.split)
   title = (f'{run.config.model.arch} on {run.config.data.dataset}, step {run.step}: '
            f'{len(rows)} of {space} depths ({"all" if exhaustive else "progressive"}), '
-           f'{args.split} split, {inference.backend_key()}')
-  reporting.atomic_write(str(out / 'candidates.csv'), _csv(rows, [
-      *fields, 'trained', 'on_flops_front', 'on_latency_front']))
-  reporting.atomic_write(str(out / 'pareto.csv'), _csv(pareto, ['front', *fields]))
-  reporting.atomic_write(str(out / 'pareto.png'), _plot(rows, fronts, title))
-
-  print(title)
-  print(evaluate.format_table([rows[i] for i in fronts['flops']], args.batch_size), end='')
+           f'{inference.backend_key()}; {label}')
   budgets = []
   if args.max_flops is not None:
     budgets.append((f'<= {args.max_flops / 1e6:g}M FLOPs', 'flops', args.max_flops))
   if args.max_latency_ms is not None:
     budgets.append((f'<= {args.max_latency_ms:g} ms at batch 1', 'latency_ms_batch_1',
                     args.max_latency_ms))
-  for text, key, budget in budgets:
-    best = best_under(rows, key, budget)
-    if best is None:
+  best = {text: best_under(rows, key, budget) for text, key, budget in budgets}
+  front_table = deploy.format_table([rows[i] for i in fronts['flops']], args.batch_size)
+  summary = {'split': args.split, 'held_out': args.split == 'validation', 'note': label,
+             'step': run.step, 'candidates': len(rows), 'space': space,
+             'flops_front': [rows[i]['depth'] for i in fronts['flops']],
+             'latency_front': [rows[i]['depth'] for i in fronts['latency_ms_batch_1']],
+             'best': {text: None if b is None else {
+                 'depth': b['depth'], 'top1_error': float(b['top1_error']),
+                 'flops': int(b['flops']), 'latency_ms_batch_1': float(b['latency_ms_batch_1'])}
+                      for text, b in best.items()}}
+  reporting.atomic_write(str(out / 'candidates.csv'), reporting.csv_text(rows, [
+      *fields, 'trained', 'on_flops_front', 'on_latency_front', 'selected_on']).encode())
+  reporting.atomic_write(str(out / 'pareto.csv'),
+                         reporting.csv_text(pareto, ['front', *fields, 'selected_on']).encode())
+  reporting.atomic_write(str(out / 'pareto.md'),
+                         f'# {title}\n\nFLOPs front ({label}):\n\n{front_table}'.encode())
+  reporting.atomic_write(str(out / 'summary.json'), json.dumps(summary, indent=2).encode())
+  reporting.atomic_write(str(out / 'pareto.png'), _plot(rows, fronts, title, args.split))
+
+  print(title)
+  print(front_table, end='')
+  for text, b in best.items():
+    if b is None:
       print(f'best {text}: none of the {len(rows)} candidates fits')
     else:
-      print(f'best {text}: {best["depth"]} with {float(best["top1_error"]):.2f}% error, '
-            f'{int(best["flops"]) / 1e6:.2f}M FLOPs, {float(best["latency_ms_batch_1"]):.2f} ms')
-  print(f'wrote {out / "candidates.csv"}, {out / "pareto.csv"}, {out / "pareto.png"}')
+      print(f'best {text}: {b["depth"]} with {float(b["top1_error"]):.2f}% {args.split} error, '
+            f'{int(b["flops"]) / 1e6:.2f}M FLOPs, {float(b["latency_ms_batch_1"]):.2f} ms')
+  print(f'wrote {out / "candidates.csv"}, pareto.csv, pareto.md, summary.json, pareto.png')
 
 
 if __name__ == '__main__':

@@ -43,13 +43,6 @@ class LossWeights:
                attention_stages=None if stages is None else tuple(stages))
 
 
-def _select(tree, like):
-  """The sub-tree of ``tree`` with the keys of ``like`` (a sub-net's slice of the full net's)."""
-  if not isinstance(like, dict):
-    return tree
-  return {k: _select(tree[k], v) for k, v in like.items()}
-
-
 def create_train_state(rng: jax.Array, model: models.DDNN, depths: Sequence[models.Depth],
                        tx: optax.GradientTransformation,
                        image_shape: Sequence[int]) -> TrainState:
@@ -58,10 +51,10 @@ def create_train_state(rng: jax.Array, model: models.DDNN, depths: Sequence[mode
   variables = jax.jit(functools.partial(model.init, train=False))(rng, image)
   batch_stats = {}
   for depth in depths:
-    used = jax.eval_shape(lambda x, d=depth: model.init(rng, x, depth=d, train=False), image)
+    used = models.variable_shapes(model, image_shape, depth)
     # A copy: each depth owns its statistics (and donated buffers must not alias).
     batch_stats[models.depth_name(depth)] = jax.tree.map(
-        jnp.copy, _select(variables['batch_stats'], used['batch_stats']))
+        jnp.copy, models.select_used(variables['batch_stats'], used['batch_stats']))
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                            batch_stats=batch_stats)
 

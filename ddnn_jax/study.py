@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ddnn_jax import cli, losses
+from ddnn_jax import cli, errors, losses
 
 MANIFEST = 'study.json'
 LOCK = '.study.lock'
@@ -90,7 +90,7 @@ def plan(spec: str, schemes: Sequence[tuple[str, int]], overrides: Sequence[str]
   try:
     config_lib.validate(base)
     depths = config_lib.depths_of(base)
-  except config_lib.UsageError as err:
+  except errors.UsageError as err:
     raise cli.UsageError(f'--config {spec}: {err}') from None
   runs = []
   for seed in range(max(count for _, count in schemes)):
@@ -111,7 +111,7 @@ def plan(spec: str, schemes: Sequence[tuple[str, int]], overrides: Sequence[str]
   for run in runs:  # Every run's own config is valid too (e.g. the mode with the loss weights).
     try:
       config_lib.validate(load_config(spec, [*overrides, *run.overrides]))
-    except config_lib.UsageError as err:
+    except errors.UsageError as err:
       raise cli.UsageError(f'run {run.name}: {err}') from None
   return runs
 

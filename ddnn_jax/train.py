@@ -21,8 +21,8 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from ddnn_jax import (checkpoints, config_lib, data, divergence, optim, parallel, preemption,
-                      profile, reporting, steps, workdir as workdir_lib)
+from ddnn_jax import (checkpoints, config_lib, data, datasets, divergence, errors, flops, optim,
+                      parallel, preemption, reporting, steps, workdir as workdir_lib)
 
 
 def evaluate(eval_step, state: steps.TrainState, config: ml_collections.ConfigDict,
@@ -55,11 +55,11 @@ def initial_state(config: ml_collections.ConfigDict, run: config_lib.RunSetup,
   try:
     other = json.loads((source / workdir_lib.CONFIG_FILE).read_text())
   except (OSError, ValueError) as err:
-    raise config_lib.ConfigError(f'init_from={config.init_from!r}: not a ddnn_jax workdir '
+    raise errors.ConfigError(f'init_from={config.init_from!r}: not a ddnn_jax workdir '
                                  f'({err})') from None
   for key in ('model.arch', 'model.width', 'data.dataset'):
     if config_lib.get_field(other, key) != config_lib.get_field(config, key):
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'init_from={config.init_from!r} trained {key}={config_lib.get_field(other, key)!r}, '
           f'this run {config_lib.get_field(config, key)!r}: its parameters do not fit')
   _, params, batch_stats = checkpoints.restore_variables(source)
@@ -92,12 +92,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if data_state is not None:
       train_iter.set_state(data_state)
 
-    profiles = [profile.profile_subnet(run.model, run.info.image_shape, d) for d in run.depths]
+    profiles = [flops.profile_subnet(run.model, run.info.image_shape, d) for d in run.depths]
     if is_main:
+      workdir_lib.write_dataset_facts(workdir, run.info, datasets.get(config.data.dataset))
       print(f'{config.mode} on {config.data.dataset}: {config.model.arch} with sub-nets '
             f'{", ".join(names[1:]) or "none"}; {jax.device_count()} devices, '
             f'{run.num_steps} steps', flush=True)
-      print(profile.format_profile_table(config.model.arch, profiles), flush=True)
+      print(flops.format_profile_table(config.model.arch, profiles), flush=True)
       if start:
         print(f'resumed from checkpoint at step {start}', flush=True)
 

@@ -24,13 +24,16 @@ from jax.experimental import multihost_utils
 import jax
 import numpy as np
 
-from ddnn_jax import config_lib, parallel
+from ddnn_jax import config_lib, errors, parallel
 
 LOCK_FILE = '.lock'
 CONFIG_FILE = 'config.json'
+# What deployment needs to know of the data, so that a copied workdir works without it:
+# class names, input shape, normalisation.
+DATASET_FILE = 'dataset.json'
 
 
-class WorkdirError(config_lib.UsageError):
+class WorkdirError(errors.UsageError):
   pass
 
 
@@ -91,7 +94,7 @@ def claim(workdir: str, config: ml_collections.ConfigDict) -> Iterator[epath.Pat
   """Creates and locks ``workdir`` for this run and checks or writes its config.json.
 
   Raises WorkdirError (nothing written) if the workdir is unusable or used by a live
-  run; config_lib.UsageError if it holds a run with another identity.
+  run; errors.UsageError if it holds a run with another identity.
   """
   path = epath.Path(workdir)
   held: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -124,3 +127,32 @@ def claim(workdir: str, config: ml_collections.ConfigDict) -> Iterator[epath.Pat
       partial.write_text(config.to_json(indent=2))
       partial.rename(saved)
     yield path
+
+
+def write_dataset_facts(workdir: str, info, spec) -> None:
+  """Writes ``workdir/dataset.json`` (``data.DatasetInfo`` and ``datasets.DatasetSpec`` of
+  the run): its dataset, classes and their names, input shape and normalisation."""
+  scale, shift = spec.normalization()
+  facts = {'dataset': info.name, 'num_classes': info.num_classes,
+           'class_names': list(info.class_names), 'image_shape': list(info.image_shape),
+           'normalization': {'pixels': 'in [0, 255], fed as pixels * scale - shift',
+                             'mean': list(spec.mean), 'std': list(spec.std),
+                             'scale': [float(x) for x in scale],
+                             'shift': [float(x) for x in shift]}}
+  path = epath.Path(workdir) / DATASET_FILE
+  text = json.dumps(facts, indent=2)
+  if not path.exists() or path.read_text() != text:
+    partial = path.parent / f'{DATASET_FILE}.tmp'
+    partial.write_text(text)
+    partial.rename(path)
+
+
+def read_dataset_facts(workdir: str) -> dict | None:
+  """``workdir/dataset.json`` as a dict, or None for runs written before it existed."""
+  path = epath.Path(workdir) / DATASET_FILE
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as err:
+    raise WorkdirError(f'cannot read {path}: {err}') from None

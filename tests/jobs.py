@@ -14,18 +14,19 @@ TINY = ['--config.model.width=4', '--config.data.train_subset=512',
         '--config.train.eval_batch_size=128', '--config.train.log_every_steps=4']
 
 
-def child_env(devices=None, optimized=False):
+def child_env(devices=None, optimized=False, extra_env=None):
   """The test session's environment for a child process; ``devices`` virtual CPU devices
-  instead of 8; ``optimized``: XLA's usual optimisation (tests compile tiny nets at -O0)."""
+  instead of 8; ``optimized``: XLA's usual optimisation (tests compile tiny nets at -O0);
+  ``extra_env``: more variables."""
   if not devices and not optimized:
-    return None
+    return {**os.environ, **extra_env} if extra_env else None
   flags = os.environ.get('XLA_FLAGS', '').split()
   if devices:
     flags = [f for f in flags if not f.startswith('--xla_force_host_platform_device_count')]
     flags.append(f'--xla_force_host_platform_device_count={devices}')
   if optimized:
     flags = [f for f in flags if not f.startswith('--xla_backend_optimization_level')]
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags)}
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags), **(extra_env or {})}
 
 
 def run_module(module, *args, timeout=600, **env_options):

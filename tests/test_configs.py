@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from ddnn_jax import config_lib, models, optim, profile
+from ddnn_jax import config_lib, flops, models, optim, profile
 from fakes import write_fake_cifar
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_presets_validate_and_profile_their_sizes(spec, depths, capsys):
   full = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, *shape)),
                                            train=False))['params']
   for depth, params_m in zip(depths, printed, strict=True):
-    used = sum(profile.count_params(tree) for name, tree in full.items()
+    used = sum(flops.count_params(tree) for name, tree in full.items()
                if not name.startswith('stage') or int(name.split('_block')[1]) <
                depth[int(name[5:name.index('_')])])
     assert params_m == pytest.approx(used / 1e6, abs=5e-4), depth
@@ -151,5 +151,5 @@ def test_cifar10_vgg16_config_trains_end_to_end(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   rows = list(csv.DictReader(open(workdir / 'results.csv')))
   assert [(r['name'], r['depth']) for r in rows] == [
-      ('vgg16', '[2,2,3,3,3]'), ('vgg13', '[2,2,2,2,2]'), ('vgg11', '[1,1,2,2,2]')]
+      ('vgg16', '2-2-3-3-3'), ('vgg13', '2-2-2-2-2'), ('vgg11', '1-1-2-2-2')]
   assert (tmp_path / 'tfds' / 'cifar10').is_dir()  # Prepared from the archive by itself.

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from ddnn_jax import data, datasets, prepare
+from ddnn_jax import data, datasets, preparation
 from fakes import write_fake_cifar, write_fake_fashion_mnist
 
 NUM_MOCK = 20
@@ -31,7 +31,7 @@ def mock_tfds():
 def cifar100_dir(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('cifar100')
   write_fake_cifar(tmp / 'src', 'cifar100', num_train=NUM_TRAIN, num_test=NUM_TEST)
-  prepare.prepare('cifar100', str(tmp / 'src'), str(tmp / 'data'))
+  preparation.prepare('cifar100', str(tmp / 'src'), str(tmp / 'data'))
   return str(tmp / 'data')
 
 

@@ -6,6 +6,7 @@ evaluated, searched, exported and served by the tools, as a user runs them.
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import config_lib, data, dynamic, evaluate, inference, models, optim, search, train
+from ddnn_jax import (config_lib, data, deploy, dynamic, errors, inference, models, optim, search,
+                      train)
+from fakes import write_fake_cifar
 from jobs import assert_one_line_error, run_main, run_module
 
 pytestmark = pytest.mark.slow  # A real training run, then the tools as subprocesses.
@@ -124,7 +127,7 @@ def test_evaluate_writes_the_table_and_latencies(trained, evaluated):
   assert set(latency['cpu']) >= {'3-3-3', '2-2-2', '2-1-3', '1-1-1'}
   for row in latency['cpu'].values():
     assert row['batch_1_ms'] > 0 and row['batch_64_ms'] > row['batch_1_ms']
-  assert '| [2,1,3] | - | 6 |' in result.stdout
+  assert '| 2-1-3 | - | 6 |' in result.stdout
   assert (trained / 'evaluation' / 'validation.png').stat().st_size > 1000
   # A second evaluation of other depths keeps these rows.
   again = tool('evaluate', '--workdir', trained, '--depths', '3-3-1', '--split', 'validation',
@@ -162,9 +165,9 @@ def test_search_front_is_a_true_front_and_progressive_finds_it(trained, run):
   assert best and best[0].startswith(f'best <= 5M FLOPs: {want["depth"]} with '), best
 
   # The progressive search on the same space, from the same measurements.
-  measured = {evaluate.row_depth(r): (float(r['top1_error']), float(r['flops'])) for r in rows}
-  exhaustive_front = {evaluate.row_depth(rows[i]) for i in search.pareto_front(
-      [(s[1], s[0]) for s in map(measured.get, map(evaluate.row_depth, rows))])}
+  measured = {deploy.row_depth(r): (float(r['top1_error']), float(r['flops'])) for r in rows}
+  exhaustive_front = {deploy.row_depth(rows[i]) for i in deploy.pareto_front(
+      [(s[1], s[0]) for s in map(measured.get, map(deploy.row_depth, rows))])}
   # Beam 2 (the CLI default is 4): fewer evaluations than exhaustive, >= 80% of its front.
   # Beam 1 is plain greedy and cheaper still; it may miss front points (2 of 7 once here).
   found = {beam: search.progressive_search(
@@ -173,7 +176,7 @@ def test_search_front_is_a_true_front_and_progressive_finds_it(trained, run):
   found = found[2]
   depths = list(found)
   points = [(found[d][1], found[d][0]) for d in depths]
-  front = {depths[i] for i in search.pareto_front(points)}
+  front = {depths[i] for i in deploy.pareto_front(points)}
   assert len(front & exhaustive_front) >= 0.8 * len(exhaustive_front), (front, exhaustive_front)
 
 
@@ -186,7 +189,7 @@ def test_progressive_search_through_the_command_line(trained):
   assert 3 <= len(rows) < 27 and rows[0]['depth'] == '3-3-3' and rows[-1]['depth'] == '1-1-1'
 
 
-def test_export_runs_in_a_fresh_process_with_jax_and_numpy_only(trained, run, tmp_path):
+def test_export_runs_in_a_fresh_process_with_only_its_stated_requirements(trained, run, tmp_path):
   sizes = {}
   pixels = np.random.default_rng(0).uniform(0, 255, (7, 28, 28, 1)).astype(np.float32)
   np.save(tmp_path / 'pixels.npy', pixels)
@@ -201,15 +204,27 @@ def test_export_runs_in_a_fresh_process_with_jax_and_numpy_only(trained, run, tm
     assert metadata['input']['shape'] == ['batch', 28, 28, 1]
     assert metadata['jax_version'] == jax.__version__
     sizes[depth] = sum(f.stat().st_size for f in out.iterdir())
+    # Only what metadata.json lists may be imported: every other installed package
+    # (ddnn_jax, flax, orbax, etils, ...) looks absent to this process.
+    needed = metadata['requirements']['imports']
+    assert needed == ['jax', 'jaxlib', 'numpy', 'ml_dtypes', 'opt_einsum', 'scipy', 'flatbuffers']
     loader = textwrap.dedent(f'''
-        import sys
+        import pkgutil, sys
+        allowed = {set(needed)!r}
+        for module in pkgutil.iter_modules():
+          if (module.name not in allowed and module.name not in sys.stdlib_module_names
+              and not module.name.startswith('_')):
+            sys.modules[module.name] = None
+        for name in ('ddnn_jax', 'flax', 'orbax', 'optax', 'etils'):
+          sys.modules[name] = None
         import jax, numpy as np
         exported = jax.export.deserialize(open('{out}/model.jax', 'rb').read())
         variables = dict(np.load('{out}/variables.npz'))
         pixels = np.load('{tmp_path}/pixels.npy')
         for b in (1, 7):
           np.save(f'{out}/logits{{b}}.npy', np.asarray(exported.call(variables, pixels[:b])))
-        assert not {{'flax', 'ddnn_jax', 'optax'}} & set(sys.modules), sorted(sys.modules)
+        loaded = {{m.split('.')[0] for m, v in sys.modules.items() if v is not None}}
+        assert not {{'flax', 'ddnn_jax', 'optax', 'orbax'}} & loaded, sorted(loaded)
     ''')
     fresh = subprocess.run([sys.executable, '-c', loader], capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
@@ -243,7 +258,7 @@ def test_dynamic_model_switches_depth_without_recompiling(trained, evaluated):
   assert model.choose(slowest) == min(model.depths, key=lambda d: model.errors[d])
   fastest = min(model.depths, key=model.latencies.get)
   assert model.predict(pixels, latency_ms=model.latencies[fastest]).depth == fastest
-  with pytest.raises(config_lib.UsageError, match='no depth runs within'):
+  with pytest.raises(errors.UsageError, match='no depth runs within'):
     model.choose(model.latencies[fastest] / 2)
 
 
@@ -343,3 +358,116 @@ def test_init_from_starts_a_new_depth_set_from_the_trained_parameters(trained, r
   assert not np.allclose(state.batch_stats['2-1-3']['stem_bn']['mean'],
                          run.batch_stats['3-3-3']['stem_bn']['mean'])
   assert models.depth_name((2, 1, 3)) in state.batch_stats
+
+
+def _depths_in_files(workdir):
+  """Every (depth as written, file) in the run's CSV and JSON files."""
+  found = set()
+  for path in [workdir / 'results.csv', *sorted(workdir.glob('evaluation/*.csv')),
+               *sorted(workdir.glob('search/*.csv'))]:
+    found |= {(row['depth'], path.name) for row in csv.DictReader(open(path))}
+  summary = json.loads((workdir / 'search' / 'summary.json').read_text())
+  found |= {(depth, 'summary.json') for depth in [
+      *summary['flops_front'], *summary['latency_front'],
+      *(b['depth'] for b in summary['best'].values() if b)]}
+  found |= {(depth, 'latency.json')
+            for depth in json.loads((workdir / 'latency.json').read_text())['cpu']}
+  return found
+
+
+def test_every_written_depth_round_trips_through_every_depth_flag(trained, run, evaluated,
+                                                                  tmp_path):
+  tool('search', '--workdir', trained, '--max_flops', '5M', '--calib_examples', CALIB)
+  found = _depths_in_files(trained)
+  assert len({text for text, _ in found}) == 27
+  assert {source for _, source in found} >= {'results.csv', 'validation.csv', 'candidates.csv',
+                                             'pareto.csv', 'summary.json', 'latency.json'}
+  for text, source in sorted(found):
+    depth = models.parse_depth(text)
+    assert models.format_depth(depth) == text, (text, source)  # One notation everywhere.
+    assert deploy.parse_depths(run, text) == [depth]  # evaluate --depths, DynamicModel.load.
+    assert run.resolve(text) == depth  # export --depth, predict --depth.
+  # What export and predict write reads back the same way.
+  exported = tool('export', '--workdir', trained, '--depth', '[2, 1, 3]', '--out', tmp_path / 'e',
+                  '--calib_examples', CALIB)
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  metadata = json.loads((tmp_path / 'e' / 'metadata.json').read_text())
+  assert run.resolve(metadata['depth_name']) == (2, 1, 3) == tuple(metadata['depth'])
+  image = tmp_path / 'x.png'
+  Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+  predicted = tool('predict', '--workdir', trained, '--images', image, '--depth', '2,1,3',
+                   '--out', tmp_path / 'p.csv')
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  row, = csv.DictReader(open(tmp_path / 'p.csv'))
+  assert row['depth'] == '2-1-3' and run.resolve(row['depth']) == (2, 1, 3)
+  # A depth pasted from an older table, through the command line.
+  pasted = tool('evaluate', '--workdir', trained, '--depths', '[2,1,3],resnet20', '--split',
+                'validation', '--calib_examples', CALIB)
+  assert pasted.returncode == 0, pasted.stderr[-3000:]
+  assert '| 2-1-3 | - | 6 |' in pasted.stdout and '| 3-3-3 | resnet20 | 9 |' in pasted.stdout
+
+
+def test_a_copied_workdir_without_its_data_predicts_and_exports_class_names(trained, tmp_path):
+  copy = tmp_path / 'copied'
+  shutil.copytree(trained, copy, ignore=shutil.ignore_patterns('bn_calibration'))
+  config = json.loads((copy / 'config.json').read_text())
+  config['data']['data_dir'] = str(tmp_path / 'no_data_here')
+  (copy / 'config.json').write_text(json.dumps(config))
+  image = tmp_path / 'x.png'
+  Image.fromarray(np.full((28, 28), 200, np.uint8)).save(image)
+  env = {'TFDS_DATA_DIR': str(tmp_path / 'empty_tfds')}
+  predicted = run_module('predict', '--workdir', copy, '--images', image, '--depth', '2-2-2',
+                         optimized=True, extra_env=env)
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  names = set(json.loads((trained / 'dataset.json').read_text())['class_names'])
+  assert len(names) == 10 and predicted.stdout.splitlines()[1].split(': ')[1].split(' ')[0] in {
+      n.split(' ')[0] for n in names}
+  exported = run_module('export', '--workdir', copy, '--depth', '1-1-1', '--out', tmp_path / 'e',
+                        optimized=True, extra_env=env)
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  metadata = json.loads((tmp_path / 'e' / 'metadata.json').read_text())
+  assert metadata['class_names'][9] == 'Ankle boot'
+  # A depth the run did not train needs training images for its BN statistics; an
+  # evaluation needs its split: both say what is missing.
+  for module, args in (('export', ['--depth', '2-1-1', '--out', tmp_path / 'f']),
+                       ('evaluate', ['--split', 'validation'])):
+    result = run_module(module, '--workdir', copy, *args, optimized=True, extra_env=env)
+    assert_one_line_error(result, "needs the run's data: fashion_mnist is not prepared",
+                          'no_data_here')
+  assert not (tmp_path / 'f').exists()
+
+
+@pytest.fixture(scope='module')
+def paper_preset_run(tmp_path_factory):
+  """A tiny run of the paper preset configs/cifar10.py:r20_r16 (no validation split) on a
+  generated CIFAR-10 archive."""
+  tmp = tmp_path_factory.mktemp('preset')
+  write_fake_cifar(tmp / 'downloads', 'cifar10', num_train=64, num_test=32)
+  workdir = tmp / 'run'
+  result = run_main(workdir, '--config=configs/cifar10.py:r20_r16',
+                    f'--config.data.source_dir={tmp / "downloads"}',
+                    f'--config.data.data_dir={tmp / "tfds"}', '--config.model.width=4',
+                    '--config.train.batch_size=16', '--config.train.eval_batch_size=16',
+                    '--config.train.num_epochs=1', '--config.optim.decay_epochs=()',
+                    optimized=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_search_on_the_test_split_says_so_in_every_output(paper_preset_run):
+  workdir = paper_preset_run
+  refused = tool('search', '--workdir', workdir, '--calib_examples', 32)
+  assert_one_line_error(refused, 'held out no validation examples', '--split test')
+  result = tool('search', '--workdir', workdir, '--split', 'test', '--calib_examples', 32,
+                '--max_candidates', 4, '--beam', 1, '--max_flops', '1G')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'warning: the depths and their fronts are selected on the TEST split' in result.stderr
+  out = workdir / 'search'
+  for name in ('candidates.csv', 'pareto.csv'):
+    rows = list(csv.DictReader(open(out / name)))
+    assert rows and {r['selected_on'] for r in rows} == {'test'}, name
+  assert 'selected on the TEST split: not held out' in (out / 'pareto.md').read_text()
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['split'] == 'test' and summary['held_out'] is False
+  assert 'TEST split' in summary['note'] and 'TEST split' in result.stdout.splitlines()[0]
+  assert (out / 'pareto.png').stat().st_size > 1000

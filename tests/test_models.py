@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import losses, models, profile
+from ddnn_jax import flops, losses, models, profile
 
 B = 2
 
@@ -74,7 +74,7 @@ def test_bfloat16_compute_keeps_float32_params():
 ])
 def test_param_counts_match_published(arch, num_classes, image_shape, published):
   model = models.create_model(arch, num_classes)
-  params = profile.profile_subnet(model, image_shape).params
+  params = flops.profile_subnet(model, image_shape).params
   assert abs(params - published) / published < 0.01, (arch, params)
 
 
@@ -86,24 +86,24 @@ def test_flops_of_tiny_net_match_hand_count():
           + 2 * 2 * 16 * 9 * 8 + 2 * 2 * 16 * 9 * 16  # stage 2 block 0 (stride 2)
           + 16 * 10)                   # classifier
   model = models.create_model('resnet20', 10, width=4)
-  assert profile.profile_subnet(model, (8, 8, 3), (1, 1, 1)).flops == hand
+  assert flops.profile_subnet(model, (8, 8, 3), (1, 1, 1)).flops == hand
   # The full net adds 2 more blocks per stage; the sub-net has fewer parameters.
-  full = profile.profile_subnet(model, (8, 8, 3))
+  full = flops.profile_subnet(model, (8, 8, 3))
   extra = 2 * (2 * 8 * 8 * 4 * 9 * 4 + 2 * 4 * 4 * 8 * 9 * 8 + 2 * 2 * 2 * 16 * 9 * 16)
   assert full.flops == hand + extra
-  assert full.params > profile.profile_subnet(model, (8, 8, 3), (1, 1, 1)).params
+  assert full.params > flops.profile_subnet(model, (8, 8, 3), (1, 1, 1)).params
 
 
 def test_resnet50_flops_near_published():
-  flops = profile.profile_subnet(models.create_model('resnet50', 1000), (224, 224, 3)).flops
-  assert abs(flops - 4.09e9) / 4.09e9 < 0.01  # torchvision: 4.09 GMACs
+  macs = flops.profile_subnet(models.create_model('resnet50', 1000), (224, 224, 3)).flops
+  assert abs(macs - 4.09e9) / 4.09e9 < 0.01  # torchvision: 4.09 GMACs
 
 
 def test_profile_table_lists_every_depth():
   model = models.create_model('resnet56', 10)
-  rows = [profile.profile_subnet(model, (32, 32, 3), d)
+  rows = [flops.profile_subnet(model, (32, 32, 3), d)
           for d in models.depth_set('resnet56', ['resnet44', 'resnet32'])]
-  table = profile.format_profile_table('resnet56', rows)
+  table = flops.format_profile_table('resnet56', rows)
   assert '9-9-9' in table and '7-7-7' in table and '5-5-5' in table
   assert [r.flops for r in rows] == sorted((r.flops for r in rows), reverse=True)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddnn_jax import prepare
+from ddnn_jax import prepare, preparation
 from fakes import write_fake_cifar, write_fake_fashion_mnist, write_idx
 
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
@@ -32,23 +32,23 @@ def by_id(examples: list[dict]) -> list[dict]:
 def test_parse_idx_validates_header_and_size():
   image = np.arange(12, dtype=np.uint8).reshape(1, 3, 4)
   data = bytes([0, 0, 8, 3]) + np.asarray([1, 3, 4], '>u4').tobytes() + image.tobytes()
-  np.testing.assert_array_equal(prepare.parse_idx(data, 'x'), image)
-  with pytest.raises(prepare.PrepareError, match='not an idx file'):
-    prepare.parse_idx(b'\x01' + data[1:], 'x')
-  with pytest.raises(prepare.PrepareError, match='does not match'):
-    prepare.parse_idx(data[:-1], 'x')
+  np.testing.assert_array_equal(preparation.parse_idx(data, 'x'), image)
+  with pytest.raises(preparation.PrepareError, match='not an idx file'):
+    preparation.parse_idx(b'\x01' + data[1:], 'x')
+  with pytest.raises(preparation.PrepareError, match='does not match'):
+    preparation.parse_idx(data[:-1], 'x')
 
 
 @pytest.mark.parametrize('suffix', ['.gz', ''])
 def test_fashion_mnist_reads_back_like_stock(tmp_path, suffix):
   arrays = write_fake_fashion_mnist(tmp_path / 'src', suffix=suffix)
   data_dir = tmp_path / 'data'
-  assert not prepare.is_prepared('fashion_mnist', str(data_dir))
+  assert not preparation.is_prepared('fashion_mnist', str(data_dir))
 
-  path = prepare.prepare('fashion_mnist', str(tmp_path / 'src'), str(data_dir))
+  path = preparation.prepare('fashion_mnist', str(tmp_path / 'src'), str(data_dir))
 
   assert path == str(data_dir / 'fashion_mnist' / '3.0.1')
-  assert prepare.is_prepared('fashion_mnist', str(data_dir))
+  assert preparation.is_prepared('fashion_mnist', str(data_dir))
   ours = tfds.builder('fashion_mnist', data_dir=str(data_dir)).info
   stock = tfds.builder('fashion_mnist').info
   assert ours.version == stock.version
@@ -69,7 +69,7 @@ def test_cifar10_python_and_binary_layouts(tmp_path, binary, archive):
   arrays = write_fake_cifar(tmp_path / 'src', binary=binary, archive=archive)
   data_dir = tmp_path / 'data'
 
-  prepare.prepare('cifar10', str(tmp_path / 'src'), str(data_dir))
+  preparation.prepare('cifar10', str(tmp_path / 'src'), str(data_dir))
 
   info = tfds.builder('cifar10', data_dir=str(data_dir)).info
   assert str(info.version) == '3.0.2'
@@ -88,7 +88,7 @@ def test_cifar10_python_and_binary_layouts(tmp_path, binary, archive):
 def test_cifar100_fine_and_coarse_labels(tmp_path):
   arrays = write_fake_cifar(tmp_path / 'src', 'cifar100', num_train=30, num_test=5)
 
-  prepare.prepare('cifar100', str(tmp_path / 'src'), str(tmp_path / 'data'))
+  preparation.prepare('cifar100', str(tmp_path / 'src'), str(tmp_path / 'data'))
 
   info = tfds.builder('cifar100', data_dir=str(tmp_path / 'data')).info
   assert repr(info.features) == repr(tfds.builder('cifar100').info.features)
@@ -101,9 +101,9 @@ def test_cifar100_fine_and_coarse_labels(tmp_path):
 
 def test_prepare_twice_is_a_no_op(tmp_path):
   write_fake_fashion_mnist(tmp_path / 'src')
-  first = prepare.prepare('fashion_mnist', str(tmp_path / 'src'), str(tmp_path / 'data'))
+  first = preparation.prepare('fashion_mnist', str(tmp_path / 'src'), str(tmp_path / 'data'))
   stamp = os.stat(Path(first) / 'dataset_info.json').st_mtime_ns
-  assert prepare.prepare('fashion_mnist', str(tmp_path / 'src'),
+  assert preparation.prepare('fashion_mnist', str(tmp_path / 'src'),
                          str(tmp_path / 'data')) == first
   assert os.stat(Path(first) / 'dataset_info.json').st_mtime_ns == stamp
 
@@ -114,12 +114,12 @@ def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
 
   def broken_png(image):
     raise RuntimeError('disk full')
-  monkeypatch.setattr(prepare, '_png', broken_png)
+  monkeypatch.setattr(preparation, '_png', broken_png)
   with pytest.raises(RuntimeError, match='disk full'):
-    prepare.prepare('fashion_mnist', str(tmp_path / 'src'), str(data_dir))
+    preparation.prepare('fashion_mnist', str(tmp_path / 'src'), str(data_dir))
 
   assert list(data_dir.iterdir()) == []
-  assert not prepare.is_prepared('fashion_mnist', str(data_dir))
+  assert not preparation.is_prepared('fashion_mnist', str(data_dir))
 
 
 def _small_fashion_images(folder: Path) -> None:
@@ -136,8 +136,8 @@ def _small_fashion_images(folder: Path) -> None:
 ])
 def test_bad_sources_raise_one_line(tmp_path, name, make, error):
   make(tmp_path)
-  with pytest.raises(prepare.PrepareError, match=error) as info:
-    prepare.read_source(name, tmp_path)
+  with pytest.raises(preparation.PrepareError, match=error) as info:
+    preparation.read_source(name, tmp_path)
   assert '\n' not in str(info.value)
 
 
@@ -148,27 +148,26 @@ def test_refuses_pickles_that_run_code(tmp_path):
   folder = tmp_path / 'cifar-10-batches-py'
   folder.mkdir()
   (folder / 'data_batch_1').write_bytes(pickle.dumps(Evil()))
-  with pytest.raises(prepare.PrepareError, match='refusing to unpickle'):
-    prepare.read_source('cifar10', tmp_path)
+  with pytest.raises(preparation.PrepareError, match='refusing to unpickle'):
+    preparation.read_source('cifar10', tmp_path)
 
 
 def test_has_source(tmp_path):
-  assert not prepare.has_source('fashion_mnist', str(tmp_path))
+  assert not preparation.has_source('fashion_mnist', str(tmp_path))
   write_fake_fashion_mnist(tmp_path)
   write_fake_cifar(tmp_path, 'cifar100')
-  assert prepare.has_source('fashion_mnist', str(tmp_path))
-  assert prepare.has_source('cifar100', str(tmp_path))
-  assert not prepare.has_source('cifar10', str(tmp_path))
-  assert not prepare.has_source('imagenet2012', str(tmp_path))
+  assert preparation.has_source('fashion_mnist', str(tmp_path))
+  assert preparation.has_source('cifar100', str(tmp_path))
+  assert not preparation.has_source('cifar10', str(tmp_path))
+  assert not preparation.has_source('imagenet2012', str(tmp_path))
 
 
 def test_main_prepares(tmp_path, capsys):
   write_fake_fashion_mnist(tmp_path / 'src')
-  rc = prepare.main(['fashion_mnist', '--from', str(tmp_path / 'src'),
-                     '--data_dir', str(tmp_path / 'data')])
-  assert rc == 0
+  prepare.main(['fashion_mnist', '--from', str(tmp_path / 'src'),
+                '--data_dir', str(tmp_path / 'data')])
   assert 'fashion_mnist is prepared in' in capsys.readouterr().out
-  assert prepare.is_prepared('fashion_mnist', str(tmp_path / 'data'))
+  assert preparation.is_prepared('fashion_mnist', str(tmp_path / 'data'))
 
 
 @pytest.mark.parametrize('args, error', [
@@ -187,7 +186,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, error):
       cwd=Path(__file__).resolve().parents[1])
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and error in lines[0], result.stderr
+  assert len(lines) == 1 and lines[0].startswith('error: ') and error in lines[0], result.stderr
   assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'data').exists()
 
@@ -196,7 +195,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, error):
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
                     reason='needs `apt-get install dataset-fashion-mnist`')
 def test_real_debian_fashion_mnist(tmp_path):
-  path = prepare.prepare('fashion_mnist', str(DEBIAN_FASHION_MNIST), str(tmp_path))
+  path = preparation.prepare('fashion_mnist', str(DEBIAN_FASHION_MNIST), str(tmp_path))
   info = tfds.builder('fashion_mnist', data_dir=str(tmp_path)).info
   assert path.endswith('fashion_mnist/3.0.1')
   assert info.splits['train'].num_examples == 60000

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import models, profile, steps
+from ddnn_jax import flops, models, steps
 
 ARCH, SUBNETS, IMAGE = 'resnet20', [(1, 1, 1), (2, 2, 2)], (8, 8, 3)
 NUM_CLASSES = 4
@@ -240,7 +240,7 @@ def test_shared_trunk_step_costs_what_its_blocks_predict():
     return train.lower(state, batch).compile().cost_analysis()['flops']
 
   measured = step_flops(depths, 'ekd') / sum(step_flops((d,), 'individual') for d in depths)
-  predicted = profile.shared_trunk_flops(model, IMAGE, depths) / sum(
-      profile.profile_subnet(model, IMAGE, d).flops for d in depths)
+  predicted = flops.shared_trunk_flops(model, IMAGE, depths) / sum(
+      flops.profile_subnet(model, IMAGE, d).flops for d in depths)
   assert 0.7 < predicted < 0.85, predicted
   assert abs(measured - predicted) < 0.03, (measured, predicted)
