@@ -25,8 +25,6 @@ Writes ``comparison.md``, ``comparison.csv`` (per depth and scheme),
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from collections.abc import Sequence
@@ -53,8 +51,7 @@ def read_run(workdir: str, split: str = 'test') -> dict[str, Any]:
     raise cli.UsageError(f'{workdir} has no results.csv: the run has not finished')
   with open(config_path, encoding='utf-8') as f:
     config = json.load(f)
-  with open(results_path, encoding='utf-8') as f:
-    rows = list(csv.DictReader(f))
+  rows = reporting.read_csv(results_path)
   if not rows:
     raise cli.UsageError(f'{results_path} holds no results')
   column = SPLIT_COLUMNS[split]
@@ -206,12 +203,10 @@ def format_markdown(rows: Sequence[dict[str, Any]], modes: Sequence[str],
   return '\n'.join(lines) + '\n'
 
 
-def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  buf = io.StringIO()
-  writer = csv.writer(buf, lineterminator='\n')
-  writer.writerow(header)
-  writer.writerows(rows)
-  return buf.getvalue()
+CSV_FIELDS = ('depth', 'name', 'params', 'flops', 'mode', 'seeds', 'top1_error_mean',
+              'top1_error_std', 'best_supported')
+DIFF_FIELDS = ('depth', 'a', 'b', 'n', 'mean_a_minus_b', 'ci95_low', 'ci95_high', 'supported',
+               'seeds')
 
 
 def format_csv(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> str:
@@ -221,19 +216,20 @@ def format_csv(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> str:
     for mode in modes:
       if r['errors'].get(mode):
         s = stats.summarize(r['errors'][mode])
-        out.append([models.format_depth(r['depth']), r['name'], r['params'], r['flops'], mode,
-                    s.n, round(s.mean, 4), round(s.std, 4), mode == best])
-  return _csv(['depth', 'name', 'params', 'flops', 'mode', 'seeds', 'top1_error_mean',
-               'top1_error_std', 'best_supported'], out)
+        out.append({'depth': models.format_depth(r['depth']), 'name': r['name'],
+                    'params': r['params'], 'flops': r['flops'], 'mode': mode, 'seeds': s.n,
+                    'top1_error_mean': round(s.mean, 4), 'top1_error_std': round(s.std, 4),
+                    'best_supported': mode == best})
+  return reporting.csv_text(out, CSV_FIELDS)
 
 
 def format_diffs_csv(diffs: dict[tuple[models.Depth, str, str], stats.Difference]) -> str:
   rnd = lambda v: None if v is None else round(v, 4)  # noqa: E731
-  return _csv(['depth', 'a', 'b', 'n', 'mean_a_minus_b', 'ci95_low', 'ci95_high', 'supported',
-               'seeds'],
-              [[models.format_depth(depth), a, b, d.n, rnd(d.mean), rnd(d.low), rnd(d.high),
-                d.supported, ' '.join(map(str, d.seeds))]
-               for (depth, a, b), d in diffs.items()])
+  return reporting.csv_text([
+      {'depth': models.format_depth(depth), 'a': a, 'b': b, 'n': d.n,
+       'mean_a_minus_b': rnd(d.mean), 'ci95_low': rnd(d.low), 'ci95_high': rnd(d.high),
+       'supported': d.supported, 'seeds': ' '.join(map(str, d.seeds))}
+      for (depth, a, b), d in diffs.items()], DIFF_FIELDS)
 
 
 def _tick(r: dict[str, Any]) -> str:
