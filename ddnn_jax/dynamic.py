@@ -3,12 +3,16 @@
   model = ddnn_jax.DynamicModel.load('/tmp/ddnn', depths='trained')
   prediction = model.predict(pixels, depth=(2, 2, 2))    # or latency_ms=1.0
   prediction.probabilities, prediction.depth
+  prediction = model.predict(pixels, cascade='/tmp/ddnn/cascade/chosen.json')
+  prediction.exit_depths                                 # the depth that answered, per image
 
 Each depth has its own compiled apply (``steps.depth_logits``, as evaluation uses) over
 the one parameter tree and its own BatchNorm statistics; switching depth picks another
 compiled function and never recompiles or reloads (a second trace of a depth raises).
 ``latency_ms`` picks the most accurate depth, by the accuracy ``ddnn_jax.evaluate``
-measured, whose measured batch-1 latency on this backend fits.
+measured, whose measured batch-1 latency on this backend fits. ``cascade`` runs a
+confidence cascade for real (``cascading.Executor``): each image stops at the first depth
+confident enough.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddnn_jax import deploy, errors, inference, models, steps
+from ddnn_jax import cascading, deploy, errors, inference, models, steps
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
   probabilities: np.ndarray  # [batch, classes]
-  depth: models.Depth
+  depth: models.Depth | None  # The depth that ran (None for a cascade: see exit_depths).
+  # A cascade: per input, the depth that answered it (its probabilities are calibrated at
+  # that depth's temperature).
+  exit_depths: tuple[models.Depth, ...] | None = None
 
   def top(self, k: int = 5) -> list[list[tuple[int, float]]]:
     """Per image, the k most probable (class index, probability), most probable first."""
@@ -57,7 +64,8 @@ class DynamicModel:
 
   def __init__(self, run: inference.TrainedRun, depths: Sequence[models.Depth],
                batch_stats: dict[models.Depth, Any], error_rates: dict[models.Depth, float],
-               latencies: dict[models.Depth, float], batch_size: int):
+               latencies: dict[models.Depth, float], batch_size: int,
+               calib_examples: int = inference.DEFAULT_CALIB_EXAMPLES):
     self.run = run
     self.depths = tuple(depths)
     self.batch_size = batch_size
@@ -72,6 +80,8 @@ class DynamicModel:
             run.model.apply, params, stats, images, d),
         1, f'depth {models.format_depth(d)}') for d in self.depths}
     self._apply = {d: jax.jit(guard) for d, guard in self._guards.items()}
+    self._executors: dict[cascading.Cascade, cascading.Executor] = {}
+    self._calib_examples = calib_examples
 
   @property
   def traces(self) -> dict[models.Depth, int]:
@@ -104,7 +114,7 @@ class DynamicModel:
           if depths == 'evaluated' else ''))
     stats = {d: inference.stats_for(run, d, calib_examples)[0] for d in chosen}
     return cls(run, chosen, stats, {d: error_rates[d] for d in chosen if d in error_rates},
-               {d: latencies[d] for d in chosen if d in latencies}, batch_size)
+               {d: latencies[d] for d in chosen if d in latencies}, batch_size, calib_examples)
 
   def choose(self, latency_ms: float) -> models.Depth:
     """The most accurate loaded depth whose measured batch-1 latency is within ``latency_ms``."""
@@ -130,12 +140,37 @@ class DynamicModel:
            for i in range(0, padded, self.batch_size)]
     return np.concatenate(out)[:n]
 
+  def cascade_executor(self, cascade: str | dict | cascading.Cascade) -> cascading.Executor:
+    """The real early exit of a cascade (a ``chosen.json`` path, its dict, or a Cascade)
+    over this model's parameter tree, compiled once and kept."""
+    if isinstance(cascade, str):
+      cascade = cascading.read_chosen(cascade, self.run)
+    elif isinstance(cascade, dict):
+      cascade = cascading.from_json(cascade, self.run)
+    if cascade not in self._executors:
+      stats = {d: inference.stats_for(self.run, d, self._calib_examples)[0]
+               for d in cascade.depths}
+      self._executors[cascade] = cascading.Executor(self.run, cascade, stats,
+                                                    max(self.batch_size, cascading.MIN_BUCKET))
+    return self._executors[cascade]
+
   def predict(self, pixels: np.ndarray, depth: models.DepthSpec | None = None,
-              latency_ms: float | None = None) -> Prediction:
-    """Class probabilities from ``depth``, or from the best depth within ``latency_ms``
-    (default: the full net if loaded, else the deepest loaded depth)."""
-    if depth is not None and latency_ms is not None:
-      raise ValueError('give depth or latency_ms, not both')
+              latency_ms: float | None = None,
+              cascade: str | dict | cascading.Cascade | None = None) -> Prediction:
+    """Class probabilities from ``depth``, from the best depth within ``latency_ms``, or
+    per input from a ``cascade`` (default: the full net if loaded, else the deepest)."""
+    if sum(x is not None for x in (depth, latency_ms, cascade)) > 1:
+      raise ValueError('give one of depth, latency_ms and cascade')
+    if cascade is not None:
+      executor = self.cascade_executor(cascade)
+      pixels = np.asarray(pixels)
+      if pixels.ndim != 4 or pixels.shape[1:] != self.run.image_shape:
+        raise ValueError(f'images must be [batch, {", ".join(map(str, self.run.image_shape))}]'
+                         f', got {list(pixels.shape)}')
+      logits, stage = executor.predict(pixels)
+      temps = np.asarray(executor.cascade.temperatures)[stage][:, None]
+      return Prediction(cascading.softmax(logits / temps), None,
+                        tuple(executor.cascade.depths[k] for k in stage))
     if latency_ms is not None:
       depth = self.choose(latency_ms)
     elif depth is None:

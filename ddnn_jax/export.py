@@ -1,6 +1,7 @@
-r"""Exports one depth of a trained run as a self-contained artifact.
+r"""Exports one depth of a trained run, or a cascade of depths, as self-contained artifacts.
 
   python -m ddnn_jax.export --workdir W --depth 2-2-2 --out DIR [--step N|best|latest] [--force]
+  python -m ddnn_jax.export --workdir W --cascade W/cascade/chosen.json --out DIR
 
 DIR holds
   model.jax       ``jax.export`` serialized StableHLO of (variables, pixels) -> logits, with a
@@ -9,7 +10,9 @@ DIR holds
                   (recalibrated if the run did not train it), flat 'params/...' keys;
   metadata.json   depth, input shape and normalisation, class names, params, FLOPs,
                   accuracy, jax version.
-Loading it needs exactly ``REQUIREMENTS`` (``LOADER`` below, also in the README): jax
+A cascade is written as one such artifact per stage (``DIR/stage<k>/``) and
+``DIR/cascade.json`` (depths, thresholds, temperatures, score, how stages connect);
+``CASCADE_LOADER`` runs it. Loading either needs exactly ``REQUIREMENTS`` (``LOADER`` below, also in the README): jax
 (which brings jaxlib, numpy, ml_dtypes, opt_einsum and scipy) and flatbuffers, which
 ``jax.export`` deserialisation imports; nothing of ddnn_jax, flax or orbax (tested).
 """
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ddnn_jax import cli, deploy, errors, flops, inference, models, steps
+from ddnn_jax import cascading, cli, deploy, errors, flops, inference, models, steps
 
 # What a process loading an artifact imports, and what to pip install for it.
 REQUIREMENTS = {
@@ -47,24 +50,83 @@ variables = dict(np.load('{out}/variables.npz'))
 logits = exported.call(variables, pixels)  # pixels: float32 [batch, H, W, C] in [0, 255]
 '''
 
+CASCADE_LOADER = '''\
+import json, jax, numpy as np
+spec = json.load(open('{out}/cascade.json'))
+stages = [(jax.export.deserialize(open(f"{out}/{{s['dir']}}/model.jax", 'rb').read()),
+           dict(np.load(f"{out}/{{s['dir']}}/variables.npz"))) for s in spec['stages']]
+
+def confidence(logits, temperature, score):  # In [0, 1]; higher: more confident.
+  z = logits.astype(np.float64) / temperature
+  p = np.exp(z - z.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+  if score == 'maxprob': return p.max(-1)
+  if score == 'margin': top = np.sort(p, -1); return top[:, -1] - top[:, -2]
+  h = -np.sum(np.where(p > 0, p * np.log(np.maximum(p, 1e-300)), 0.0), -1)
+  return np.clip(1 - h / np.log(p.shape[-1]), 0.0, 1.0)
+
+def classify(pixels):  # float32 [batch, H, W, C] in [0, 255] -> (logits, exit stage)
+  logits_out = np.zeros((len(pixels), spec['num_classes']), np.float32)
+  stage_out = np.full(len(pixels), len(stages) - 1)
+  alive, x = np.arange(len(pixels)), pixels
+  for k, ((model, variables), stage) in enumerate(zip(stages, spec['stages'])):
+    out = model.call(variables, x)
+    logits, handed = (np.asarray(out[0]), np.asarray(out[1])) if stage['hands_on'] else (
+        np.asarray(out), None)
+    if k == len(stages) - 1:
+      logits_out[alive] = logits
+      break
+    t = spec['thresholds'][k]
+    stop = (confidence(logits, spec['temperatures'][k], spec['score']) >= t) & (t < 1)
+    logits_out[alive[stop]], stage_out[alive[stop]] = logits[stop], k
+    alive = alive[~stop]
+    if not len(alive):
+      break
+    x = handed[~stop] if spec['stages'][k + 1]['input'] == 'previous' else pixels[alive]
+  return logits_out, stage_out
+'''
+
+
+def export_stage(run: inference.TrainedRun, depth: models.Depth, batch_stats: dict[str, Any],
+                 resume_at: int = 0, capture_at: int = 0) -> tuple[bytes, dict[str, np.ndarray]]:
+  """(serialized StableHLO, flat variables) of ``depth`` as a cascade stage
+  (``DDNN.cascade_stage``): from pixels in [0, 255] (normalised inside), or with
+  ``resume_at`` from the previous stage's output; to logits, and with ``capture_at`` also
+  the output the next stage continues from. Defaults: one depth, pixels -> logits."""
+  scale, shift = run.normalization()
+  flat = inference.flatten({'params': run.used_params(depth), 'batch_stats': batch_stats})
+
+  def stage(variables: dict[str, jax.Array], x: jax.Array):
+    tree = inference.unflatten(variables)
+    v = {'params': tree['params'], 'batch_stats': tree['batch_stats']}
+    if not resume_at:
+      x = x.astype(jnp.float32) * scale - shift  # As data.normalize does.
+    if not resume_at and not capture_at:
+      return steps.depth_logits(run.model.apply, v['params'], v['batch_stats'], x, depth)
+    logits, handed = run.model.apply(v, x, depth, resume_at, capture_at,
+                                     method=models.DDNN.cascade_stage)
+    return (logits, handed) if capture_at else logits
+
+  batch, = jax.export.symbolic_shape('batch')
+  shape = run.image_shape if not resume_at else _handed_shape(run, depth, resume_at)
+  args = ({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()},
+          jax.ShapeDtypeStruct((batch, *shape), jnp.float32))
+  exported = jax.export.export(jax.jit(stage))(*args)
+  return exported.serialize(), flat
+
 
 def export_depth(run: inference.TrainedRun, depth: models.Depth, batch_stats: dict[str, Any]
                  ) -> tuple[bytes, dict[str, np.ndarray]]:
   """(serialized StableHLO, flat variables) of ``depth``: pixels in [0, 255] -> logits."""
-  scale, shift = run.normalization()
-  flat = inference.flatten({'params': run.used_params(depth), 'batch_stats': batch_stats})
+  return export_stage(run, depth, batch_stats)
 
-  def logits(variables: dict[str, jax.Array], pixels: jax.Array) -> jax.Array:
-    tree = inference.unflatten(variables)
-    images = pixels.astype(jnp.float32) * scale - shift  # As data.normalize does.
-    return steps.depth_logits(run.model.apply, tree['params'], tree['batch_stats'], images,
-                              depth)
 
-  batch, = jax.export.symbolic_shape('batch')
-  args = ({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()},
-          jax.ShapeDtypeStruct((batch, *run.image_shape), jnp.float32))
-  exported = jax.export.export(jax.jit(logits))(*args)
-  return exported.serialize(), flat
+def _handed_shape(run: inference.TrainedRun, depth: models.Depth, module: int):
+  """(H, W, C) of ``depth``'s output of its module number ``module``."""
+  variables = models.variable_shapes(run.model, run.image_shape, depth)
+  image = jax.ShapeDtypeStruct((1, *run.image_shape), jnp.float32)
+  _, handed = jax.eval_shape(lambda v, x: run.model.apply(
+      v, x, depth, 0, module, method=models.DDNN.cascade_stage), variables, image)
+  return handed.shape[1:]
 
 
 def _error_on(run: inference.TrainedRun, depth: models.Depth) -> dict[str, float]:
@@ -77,11 +139,77 @@ def _error_on(run: inference.TrainedRun, depth: models.Depth) -> dict[str, float
   return found
 
 
+def _requirements() -> dict[str, Any]:
+  return {**REQUIREMENTS, 'pip': [r.format(version=jax.__version__) for r in REQUIREMENTS['pip']]}
+
+
+def _input_metadata(run: inference.TrainedRun) -> dict[str, Any]:
+  scale, shift = run.normalization()
+  return {'shape': ['batch', *run.image_shape], 'dtype': 'float32',
+          'pixels': 'in [0, 255]; normalised inside the model as pixels * scale - shift',
+          'mean': list(run.spec.mean), 'std': list(run.spec.std),
+          'scale': scale.tolist(), 'shift': shift.tolist()}
+
+
+def depth_metadata(run: inference.TrainedRun, depth: models.Depth, recalibrated: bool,
+                   loader: str) -> dict[str, Any]:
+  size = flops.profile_subnet(run.model, run.image_shape, depth)
+  return {
+      'depth': list(depth), 'depth_name': models.depth_name(depth),
+      'arch': run.config.model.arch, 'name': models.depth_label(run.config.model.arch, depth),
+      'dataset': run.config.data.dataset, 'workdir': os.path.abspath(run.workdir),
+      'step': run.step, 'batch_norm': 'recalibrated' if recalibrated else 'trained',
+      'input': _input_metadata(run),
+      'output': {'logits': ['batch', run.spec.num_classes]},
+      'class_names': list(run.class_names()),
+      'params': size.params, 'flops': size.flops,
+      'top1_error': _error_on(run, depth),
+      'jax_version': jax.__version__, 'requirements': _requirements(), 'loader': loader,
+  }
+
+
+def _write_artifact(directory: str, serialized: bytes, variables: dict[str, np.ndarray],
+                    metadata: dict[str, Any]) -> None:
+  os.makedirs(directory, exist_ok=True)
+  epath.Path(directory, 'model.jax').write_bytes(serialized)
+  buf = io.BytesIO()
+  np.savez(buf, **variables)
+  epath.Path(directory, 'variables.npz').write_bytes(buf.getvalue())
+  epath.Path(directory, 'metadata.json').write_text(json.dumps(metadata, indent=2))
+
+
+def _write_cascade(run: inference.TrainedRun, cascade: cascading.Cascade, chosen: dict,
+                   calib_examples: int, staging: str, out: str) -> str:
+  plan = cascading.stage_plan(run.model.arch, cascade.depths, cascade.trunk)
+  stages = []
+  for k, (depth, (resume, capture)) in enumerate(zip(cascade.depths, plan)):
+    stats, recalibrated = inference.stats_for(run, depth, calib_examples)
+    serialized, variables = export_stage(run, depth, stats, resume, capture)
+    metadata = depth_metadata(run, depth, recalibrated, CASCADE_LOADER.format(out=out))
+    metadata['cascade_stage'] = {'index': k, 'input': 'previous' if resume else 'pixels',
+                                 'hands_on': bool(capture), 'resumes_after_module': resume}
+    _write_artifact(os.path.join(staging, f'stage{k}'), serialized, variables, metadata)
+    stages.append({'dir': f'stage{k}', 'depth': models.format_depth(depth),
+                   'input': 'previous' if resume else 'pixels', 'hands_on': bool(capture),
+                   'flops': metadata['flops']})
+  spec = {**cascading.to_json(cascade, run), 'stages': stages,
+          'num_classes': run.spec.num_classes, 'class_names': list(run.class_names()),
+          'input': _input_metadata(run), 'expected': chosen.get('expected'),
+          'test': chosen.get('test'), 'jax_version': jax.__version__,
+          'requirements': _requirements(), 'loader': CASCADE_LOADER.format(out=out)}
+  epath.Path(staging, 'cascade.json').write_text(json.dumps(spec, indent=2))
+  return (f'exported the cascade {" -> ".join(s["depth"] for s in stages)} '
+          f'({cascade.trunk}, {len(stages)} stages) to {out}')
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.ArgumentParser(prog='python -m ddnn_jax.export',
                               description=__doc__.split('\n\n')[0])
   deploy.add_run_flags(parser)
-  parser.add_argument('--depth', required=True, help='the depth to export, e.g. 2-2-2 or resnet32')
+  what = parser.add_mutually_exclusive_group(required=True)
+  what.add_argument('--depth', help='the depth to export, e.g. 2-2-2 or resnet32')
+  what.add_argument('--cascade', metavar='CHOSEN_JSON',
+                    help='a cascade of python -m ddnn_jax.cascade: every stage and its thresholds')
   parser.add_argument('--out', required=True, help='directory to write (new or empty)')
   parser.add_argument('--force', action='store_true', help='replace a non-empty --out')
   parser.add_argument('--calib_examples', type=cli.positive_int,
@@ -93,56 +221,45 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise errors.UsageError(f'--out {out} exists and is not a directory')
   if os.path.isdir(out) and os.listdir(out) and not args.force:
     raise errors.UsageError(f'--out {out} exists and is not empty (use --force to replace '
-                                'it)')
+                            'it)')
+  chosen = None
+  if args.cascade:
+    chosen = cascading.read_chosen(args.cascade,
+                                   arch=inference.load_config(args.workdir).model.arch)
+    with open(args.cascade, encoding='utf-8') as f:
+      chosen_json = json.load(f)
   run = inference.load_run(args.workdir, args.step)
-  depth = run.resolve(args.depth)
-
-  stats, recalibrated = inference.stats_for(run, depth, args.calib_examples)
-  serialized, variables = export_depth(run, depth, stats)
-  size = flops.profile_subnet(run.model, run.image_shape, depth)
-  scale, shift = run.normalization()
-  metadata = {
-      'depth': list(depth), 'depth_name': models.depth_name(depth),
-      'arch': run.config.model.arch, 'name': models.depth_label(run.config.model.arch, depth),
-      'dataset': run.config.data.dataset, 'workdir': os.path.abspath(run.workdir),
-      'step': run.step, 'batch_norm': 'recalibrated' if recalibrated else 'trained',
-      'input': {'shape': ['batch', *run.image_shape], 'dtype': 'float32',
-                'pixels': 'in [0, 255]; normalised inside the model as pixels * scale - shift',
-                'mean': list(run.spec.mean), 'std': list(run.spec.std),
-                'scale': scale.tolist(), 'shift': shift.tolist()},
-      'output': {'logits': ['batch', run.spec.num_classes]},
-      'class_names': list(run.class_names()),
-      'params': size.params, 'flops': size.flops,
-      'top1_error': _error_on(run, depth),
-      'jax_version': jax.__version__,
-      'requirements': {**REQUIREMENTS,
-                       'pip': [r.format(version=jax.__version__) for r in REQUIREMENTS['pip']]},
-      'loader': LOADER.format(out=out),
-  }
+  if chosen is None:
+    depth = run.resolve(args.depth)
+    stats, recalibrated = inference.stats_for(run, depth, args.calib_examples)
   # Written next to --out and renamed into place: never a half-written artifact.
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
   os.chmod(staging, 0o755)  # mkdtemp makes it private.
   try:
-    epath.Path(staging, 'model.jax').write_bytes(serialized)
-    buf = io.BytesIO()
-    np.savez(buf, **variables)
-    epath.Path(staging, 'variables.npz').write_bytes(buf.getvalue())
-    epath.Path(staging, 'metadata.json').write_text(json.dumps(metadata, indent=2))
+    if chosen is not None:
+      message = _write_cascade(run, chosen, chosen_json, args.calib_examples, staging, out)
+      loader = CASCADE_LOADER
+    else:
+      serialized, variables = export_depth(run, depth, stats)
+      metadata = depth_metadata(run, depth, recalibrated, LOADER.format(out=out))
+      _write_artifact(staging, serialized, variables, metadata)
+      message = (f'exported {models.format_depth(depth)} ({metadata["params"]:,} params, '
+                 f'{metadata["flops"] / 1e6:.2f}M FLOPs, BN {metadata["batch_norm"]}) to {out}')
+      loader = LOADER
     if os.path.isdir(out):
       shutil.rmtree(out)
     os.rename(staging, out)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  sizes = {name: os.path.getsize(os.path.join(out, name))
-           for name in ('model.jax', 'variables.npz', 'metadata.json')}
-  print(f'exported {models.format_depth(depth)} ({size.params:,} params, '
-        f'{size.flops / 1e6:.2f}M FLOPs, BN {metadata["batch_norm"]}) to {out}: ' +
-        ', '.join(f'{name} {n / 1024:.1f} KiB' for name, n in sizes.items()))
-  print(f'load it with {" and ".join(metadata["requirements"]["pip"])} installed '
-        '(nothing of ddnn_jax):\n' + LOADER.format(out=out))
+  sizes = {os.path.relpath(os.path.join(d, f), out): os.path.getsize(os.path.join(d, f))
+           for d, _, files in os.walk(out) for f in files}
+  print(message + ': ' + ', '.join(f'{name} {n / 1024:.1f} KiB' for name, n in sorted(
+      sizes.items())))
+  print(f'load it with {" and ".join(_requirements()["pip"])} installed (nothing of '
+        'ddnn_jax):\n' + loader.format(out=out))
 
 
 if __name__ == '__main__':

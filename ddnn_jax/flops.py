@@ -30,24 +30,42 @@ class SubnetProfile:
 
 def _count_macs(fn, *args) -> int:
   """Multiply-adds of every ``nn.Conv``/``nn.Dense`` call made while tracing ``fn(*args)``."""
-  macs = 0
+  return sum(_macs_by_module(fn, *args).values())
+
+
+def _macs_by_module(fn, *args) -> dict[str, int]:
+  """Multiply-adds of ``fn(*args)`` by top-level module of the net (in call order)."""
+  macs: dict[str, int] = {}
 
   def interceptor(next_fun, args, kwargs, context):
-    nonlocal macs
     out = next_fun(*args, **kwargs)
     if context.method_name == '__call__':
       module = context.module
       if isinstance(module, nn.Conv):
         kernel = math.prod(module.kernel_size)
         in_features = args[0].shape[-1] // module.feature_group_count
-        macs += math.prod(out.shape[1:]) * kernel * in_features
+        count = math.prod(out.shape[1:]) * kernel * in_features
       elif isinstance(module, nn.Dense):
-        macs += math.prod(out.shape[1:]) * args[0].shape[-1]
+        count = math.prod(out.shape[1:]) * args[0].shape[-1]
+      else:
+        return out
+      top = module.path[0] if module.path else module.name
+      macs[top] = macs.get(top, 0) + count
     return out
 
   with nn.intercept_methods(interceptor):
     jax.eval_shape(fn, *args)
   return macs
+
+
+def module_flops(model: models.DDNN, input_shape: Sequence[int], depth: models.Depth
+                 ) -> dict[str, int]:
+  """Multiply-adds of one image per top-level module ``depth`` runs (stem, blocks, head):
+  what a cascade stage saves when it continues another depth's shared leading modules."""
+  image = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  variables = models.variable_shapes(model, input_shape, depth)
+  return _macs_by_module(lambda v, x: model.apply(v, x, depth=depth, train=False), variables,
+                         image)
 
 
 def count_params(params) -> int:

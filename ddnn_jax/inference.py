@@ -330,18 +330,24 @@ def measure_latency(run: TrainedRun, depth: models.Depth, batch_stats, batch_siz
                     repeats: int = 20, warmup: int = 3) -> float:
   """Median milliseconds of ``repeats`` timed calls at ``batch_size``, after warm-up calls
   (the first compiles), on the current backend."""
-  if repeats < 1:
-    raise ValueError('repeats must be >= 1')
   apply = logits_fn(run.model, depth)
   params = jax.device_put(run.used_params(depth))
   stats = jax.device_put(batch_stats)
   images = jax.device_put(np.zeros((batch_size, *run.image_shape), np.float32))
+  return median_ms(lambda: apply(params, stats, images), repeats, warmup)
+
+
+def median_ms(call, repeats: int = 20, warmup: int = 3) -> float:
+  """Median milliseconds of ``repeats`` calls of ``call()`` (its result waited for), after
+  ``warmup`` calls (the first compiles)."""
+  if repeats < 1:
+    raise ValueError('repeats must be >= 1')
   for _ in range(max(warmup, 1)):
-    jax.block_until_ready(apply(params, stats, images))
+    jax.block_until_ready(call())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(apply(params, stats, images))
+    jax.block_until_ready(call())
     times.append(time.perf_counter() - start)
   return 1e3 * statistics.median(times)
 

@@ -172,6 +172,25 @@ def depth_name(depth: Depth) -> str:
   return format_depth(tuple(depth))
 
 
+def module_sequence(arch: str, depth: Depth) -> tuple[str, ...]:
+  """The top-level modules ``depth`` runs, in order (the head excluded): a cascade stage
+  that continues another depth's computation skips their common leading modules."""
+  spec = arch_spec(arch)
+  stem = () if spec.family == 'vgg' else ('stem_conv', 'stem_bn')
+  return stem + tuple(f'stage{s}_block{b}' for s, n in enumerate(depth) for b in range(n))
+
+
+def shared_prefix(arch: str, a: Depth, b: Depth) -> int:
+  """How many leading modules depths ``a`` and ``b`` run alike (the same modules on the
+  same input; their BN statistics may differ)."""
+  count = 0
+  for x, y in zip(module_sequence(arch, a), module_sequence(arch, b)):
+    if x != y:
+      break
+    count += 1
+  return count
+
+
 def _conv(features: int, kernel: int, strides: int = 1, *, name: str, dtype: Any) -> nn.Conv:
   # Symmetric padding as in the reference (PyTorch) nets; 'SAME' pads asymmetrically
   # at stride 2 and would shift every downsampled map by half a pixel.
@@ -278,8 +297,22 @@ class DDNN(nn.Module):
     averages (pass ``mutable=['batch_stats']``); in eval mode it uses them.
     """
     depth = self.stage_sizes if depth is None else check_depth(depth, self.stage_sizes, self.arch)
-    outputs, _ = self._forward(x, (depth,), train=train, batch_moments=False)
+    outputs, _, _ = self._forward(x, (depth,), train=train, batch_moments=False)
     return outputs[0]
+
+  def cascade_stage(self, x, depth: Sequence[int], resume_at: int = 0, capture_at: int = 0):
+    """Inference of one depth as a stage of a cascade (eval mode, its own BN statistics).
+
+    ``resume_at``: how many leading modules of ``module_sequence(depth)`` an earlier stage
+    computed; ``x`` is then that stage's output of the last of them (captured with its
+    ``capture_at``) and this depth runs from the next module on. ``capture_at``: also
+    return this depth's output of its module number ``capture_at`` (1-based; 0: none).
+    Returns ``(logits, captured)``.
+    """
+    depth = check_depth(depth, self.stage_sizes, self.arch)
+    outputs, _, captured = self._forward(x, (depth,), train=False, batch_moments=False,
+                                         resume_at=resume_at, capture_at=capture_at)
+    return outputs[0][0], captured
 
   def train_forward(self, x, depths: Sequence[Depth], running_stats: Sequence[Any]):
     """Every depth of ``depths`` in train mode on one batch, the shared trunk computed once.
@@ -312,16 +345,19 @@ class DDNN(nn.Module):
     ``{top-level module: {BatchNorm: {'mean', 'var'}}}`` of this batch, in the layout of
     its 'batch_stats'. Apply with ``mutable=['batch_stats']`` (scratch space only).
     """
-    return self._forward(x, tuple(depths), train=True, batch_moments=True)
+    outputs, moments, _ = self._forward(x, tuple(depths), train=True, batch_moments=True)
+    return outputs, moments
 
   @nn.compact
-  def _forward(self, x, depths: tuple[Depth, ...], train: bool, batch_moments: bool):
+  def _forward(self, x, depths: tuple[Depth, ...], train: bool, batch_moments: bool,
+               resume_at: int = 0, capture_at: int = 0):
     """Walks ``depths`` as a prefix tree: each block runs once per distinct input.
 
     With ``batch_moments``, BatchNorm runs with momentum 0, so right after each call
     its 'batch_stats' hold exactly that call's batch mean and variance; they are
-    copied to every depth the call served. Returns per-depth outputs and moments
-    ({top-level module name: its BatchNorm moments}).
+    copied to every depth the call served. Returns per-depth outputs, moments
+    ({top-level module name: its BatchNorm moments}) and the output of module number
+    ``capture_at`` (one depth only; ``cascade_stage``, which also explains ``resume_at``).
     """
     spec = self.spec
     width = self.width or DEFAULT_WIDTH[spec.family]
@@ -329,9 +365,17 @@ class DDNN(nn.Module):
                              momentum=0.0 if batch_moments else self.bn_momentum, epsilon=1e-5,
                              dtype=self.dtype)
     moments: list[dict[str, Any]] = [{} for _ in depths]
+    position, captured = 0, None  # Modules run so far (in the order of module_sequence).
+    resumed = x  # With resume_at: an earlier stage's output of module number resume_at.
 
     def run(module, x, served):
+      nonlocal position, captured
+      position += 1
+      if position <= resume_at:  # An earlier cascade stage computed it.
+        return resumed if position == resume_at else x
       y = module(x)
+      if position == capture_at:
+        captured = y
       if batch_moments and 'batch_stats' in module.variables:
         # A snapshot: the module's variables are overwritten by its next call.
         snapshot = jax.tree.map(lambda a: a, module.variables['batch_stats'])
@@ -346,13 +390,17 @@ class DDNN(nn.Module):
     else:
       if spec.family == 'cifar_resnet':
         block_cls = functools.partial(BasicBlock, zero_pad_shortcut=True)
-        x = _conv(width, 3, name='stem_conv', dtype=self.dtype)(x)
+        x = run(_conv(width, 3, name='stem_conv', dtype=self.dtype), x, everyone)
       else:
         block_cls = BasicBlock if spec.family == 'resnet_basic' else Bottleneck
-        x = _conv(width, 7, 2, name='stem_conv', dtype=self.dtype)(x)
-      x = nn.relu(run(norm(name='stem_bn'), x, everyone))
-      if spec.family != 'cifar_resnet':
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = run(_conv(width, 7, 2, name='stem_conv', dtype=self.dtype), x, everyone)
+      x = run(norm(name='stem_bn'), x, everyone)
+      if resume_at < 2:  # Else the resumed output already passed the stem's ReLU and pool.
+        x = nn.relu(x)
+        if spec.family != 'cifar_resnet':
+          x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      if capture_at == 2:  # The stem's output, after its ReLU (and pool).
+        captured = x
     if self.remat:
       block_cls = nn.remat(block_cls)
 
@@ -398,7 +446,7 @@ class DDNN(nn.Module):
         logits[d] = z
     outputs = tuple((logits[d], tuple(f.astype(out_dtype) for f in features[d]))
                     for d in everyone)
-    return outputs, moments
+    return outputs, moments, captured
 
 
 def create_model(arch: str, num_classes: int, *, width: int | None = None,

@@ -1,6 +1,7 @@
 r"""Classifies image files with a trained run, at a chosen depth or within a latency budget.
 
-  python -m ddnn_jax.predict --workdir W --images a.png b.jpg ... [--depth D | --latency_ms X]
+  python -m ddnn_jax.predict --workdir W --images a.png b.jpg ... \
+      [--depth D | --latency_ms X | --cascade W/cascade/chosen.json]
 
 Images are converted to the dataset's channels and input size; the top 5 classes and
 their probabilities are printed per image, with the depth used, and written to
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ddnn_jax import cli, deploy, dynamic, errors, inference, models, reporting
+from ddnn_jax import cascading, cli, deploy, dynamic, errors, inference, models, reporting
 
 
 def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
@@ -42,32 +43,46 @@ def main(argv: Sequence[str] | None = None) -> None:
   choice.add_argument('--depth', help='depth to run, e.g. 2-2-2 (default: the full net)')
   choice.add_argument('--latency_ms', type=cli.positive_float,
                       help='run the most accurate depth within this batch-1 latency')
+  choice.add_argument('--cascade', metavar='CHOSEN_JSON',
+                      help='run a confidence cascade (python -m ddnn_jax.cascade): each image '
+                      'stops at the first depth confident enough')
   parser.add_argument('--top', type=cli.positive_int, default=5, help='classes shown per image')
   parser.add_argument('--out', help='also write the predictions to this CSV file')
   args = parser.parse_args(argv)
   if args.out and os.path.isdir(args.out):
     raise errors.UsageError(f'--out {args.out} is a directory')
 
-  # Every image is read before the (slower) model: a bad file fails at once.
-  shape = inference.input_shape(inference.load_config(args.workdir))
+  # Every image (and the cascade file) is read before the (slower) model: a bad one fails
+  # at once.
+  config = inference.load_config(args.workdir)
+  shape = inference.input_shape(config)
   pixels = np.stack([read_image(path, shape) for path in args.images])
-  if args.latency_ms is not None:
+  cascade = None
+  if args.cascade:
+    cascade = cascading.read_chosen(args.cascade, arch=config.model.arch)
+    model = dynamic.DynamicModel.load(args.workdir, list(cascade.depths), step=args.step)
+    prediction = model.predict(pixels, cascade=cascade)
+  elif args.latency_ms is not None:
     # Chosen from the evaluated accuracies and latencies, then only that depth is loaded.
     model = dynamic.DynamicModel.load(args.workdir, 'evaluated', step=args.step)
-    depth = model.choose(args.latency_ms)
+    prediction = model.predict(pixels, depth=model.choose(args.latency_ms))
   else:
     model = dynamic.DynamicModel.load(args.workdir, [args.depth] if args.depth else 'trained',
                                       step=args.step)
-    depth = model.depths[0] if args.depth else None
-  prediction = model.predict(pixels, depth=depth)
+    prediction = model.predict(pixels, depth=model.depths[0] if args.depth else None)
   names = model.class_names
+  depths = prediction.exit_depths or (prediction.depth,) * len(args.images)
+  if cascade:
+    print(f'cascade {" -> ".join(map(models.format_depth, cascade.depths))}, thresholds '
+          f'{", ".join(f"{t:g}" for t in cascade.thresholds)} ({cascade.score})')
+  else:
+    print(f'depth {models.format_depth(prediction.depth)}'
+          + (f' (most accurate within {args.latency_ms:g} ms)' if args.latency_ms else ''))
   rows = []
-  print(f'depth {models.format_depth(prediction.depth)}'
-        + (f' (most accurate within {args.latency_ms:g} ms)' if args.latency_ms else ''))
-  for path, top in zip(args.images, prediction.top(args.top), strict=True):
+  for path, top, depth in zip(args.images, prediction.top(args.top), depths, strict=True):
     shown = ', '.join(f'{names[c]} {p:.1%}' for c, p in top)
-    print(f'{path}: {shown}')
-    rows.append({'image': path, 'depth': models.format_depth(prediction.depth),
+    print(f'{path}: {shown}' + (f' (depth {models.format_depth(depth)})' if cascade else ''))
+    rows.append({'image': path, 'depth': models.format_depth(depth),
                  **{f'top{i + 1}': names[c] for i, (c, _) in enumerate(top)},
                  **{f'p{i + 1}': f'{p:.6f}' for i, (_, p) in enumerate(top)}})
   if args.out:

@@ -237,3 +237,26 @@ def test_profile_command_prints_every_depth(capsys):
     profile.main(['resnet56', '--subnets', '1-2'])
   assert exit_info.value.code == 2
   assert 'has 2 stages but resnet56 has 3' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('arch, image_shape', [
+    ('resnet20', (8, 8, 3)), ('resnet18', (32, 32, 3)), ('resnet50', (32, 32, 3)),
+    ('vgg11', (16, 16, 3))])
+def test_a_cascade_stage_resumes_exactly_where_another_left_off(arch, image_shape):
+  model = models.create_model(arch, 5, width=4)
+  x = jax.random.normal(jax.random.key(1), (2, *image_shape))
+  variables = model.init(jax.random.key(0), x, train=False)
+  full = model.stage_sizes
+  smaller = tuple(max(1, n - 1) for n in full)
+  want = model.apply(variables, x, depth=full, train=False)[0]
+  # Every point the full net could continue from, taken from its own earlier modules.
+  sequence = models.module_sequence(arch, full)
+  assert models.shared_prefix(arch, smaller, full) < len(sequence)
+  for k in range(1, len(sequence) + 1):
+    _, handed = model.apply(variables, x, full, 0, k, method=models.DDNN.cascade_stage)
+    assert handed is not None, k
+    logits, _ = model.apply(variables, handed, full, k, 0, method=models.DDNN.cascade_stage)
+    np.testing.assert_allclose(logits, want, atol=1e-5, err_msg=f'resumed after module {k}')
+  plain, none = model.apply(variables, x, full, method=models.DDNN.cascade_stage)
+  assert none is None
+  np.testing.assert_allclose(plain, want, atol=1e-6)

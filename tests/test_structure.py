@@ -25,7 +25,7 @@ def _command_line_modules():
 
 def test_command_line_modules_are_known():
   assert _command_line_modules() >= {'main', 'evaluate', 'search', 'export', 'predict',
-                                     'compare', 'profile', 'prepare', 'study'}
+                                     'compare', 'profile', 'prepare', 'study', 'cascade'}
 
 
 def test_no_module_imports_a_command_line_module():
