@@ -378,12 +378,13 @@ def from_json(data: Any, run: inference.TrainedRun | None = None, where: str = '
 
 
 def buckets(batch_size: int) -> tuple[int, ...]:
-  """Padded batch sizes of the later stages: powers of two from MIN_BUCKET to the batch."""
+  """Padded batch sizes of the later stages: powers of two from MIN_BUCKET to the batch
+  (just the batch below MIN_BUCKET: batch-1 serving runs every stage at batch 1)."""
   sizes, size = [], MIN_BUCKET
   while size < batch_size:
     sizes.append(size)
     size *= 2
-  return (*sizes, max(batch_size, MIN_BUCKET))
+  return (*sizes, batch_size)
 
 
 class Executor:
@@ -394,7 +395,7 @@ class Executor:
   def __init__(self, run: inference.TrainedRun, cascade: Cascade,
                stats: Mapping[models.Depth, Any], batch_size: int = 256):
     self.run, self.cascade = run, cascade
-    self.batch_size = max(batch_size, MIN_BUCKET)
+    self.batch_size = batch_size
     self.buckets = buckets(self.batch_size)
     self.plan = stage_plan(run.model.arch, cascade.depths, cascade.trunk)
     self.stages = [StageApply(run, d, r, c, max_traces=len(self.buckets))

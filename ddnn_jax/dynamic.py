@@ -150,8 +150,7 @@ class DynamicModel:
     if cascade not in self._executors:
       stats = {d: inference.stats_for(self.run, d, self._calib_examples)[0]
                for d in cascade.depths}
-      self._executors[cascade] = cascading.Executor(self.run, cascade, stats,
-                                                    max(self.batch_size, cascading.MIN_BUCKET))
+      self._executors[cascade] = cascading.Executor(self.run, cascade, stats, self.batch_size)
     return self._executors[cascade]
 
   def predict(self, pixels: np.ndarray, depth: models.DepthSpec | None = None,

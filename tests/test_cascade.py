@@ -115,6 +115,7 @@ def test_stage_plan_reuses_what_the_previous_stage_computed():
       (0, 7), (7, 0), (0, 0)]
   assert cascading.buckets(256) == (8, 16, 32, 64, 128, 256)
   assert cascading.buckets(100) == (8, 16, 32, 64, 100)
+  assert cascading.buckets(1) == (1,) and cascading.buckets(8) == (8,)
 
 
 # --- on a trained run ------------------------------------------------------------------------
