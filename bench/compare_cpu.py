@@ -14,8 +14,10 @@ own venv) or '+'-joined parts for ddnn_jax's step:
   tcmalloc   LD_PRELOAD=libtcmalloc_minimal.so.4
   notrunk    each depth its own forward pass (no shared trunk), as before issue 9
   xla=FLAGS  other XLA flags
-Prints the median img/s of each and its ratio to PyTorch; appends every measurement to
---json.
+Prints per variant the median img/s, its ratio to each PyTorch reference measured, and
+the fraction of GEMM peak (the variant's FLOPs per step / its step time / the matmul's
+FLOP/s; ddnn_jax's FLOPs from XLA's cost analysis, PyTorch's from its FlopCounter);
+appends every measurement to --json.
 """
 
 import argparse
@@ -38,13 +40,37 @@ NETS = {  # full net, sub-nets: the sets the issue measured.
 TCMALLOC = next((p for p in cpu_defaults.TCMALLOC_PATHS if os.path.exists(p)), None)
 
 
+GEMM = """
+import time, jax, jax.numpy as jnp
+x = jax.random.normal(jax.random.key(0), (4096, 4096))
+f = jax.jit(lambda a: a @ a)
+f(x).block_until_ready()
+start = time.perf_counter()
+for _ in range(5):
+  y = f(x)
+y.block_until_ready()
+print(2 * 4096 ** 3 * 5 / (time.perf_counter() - start))
+"""
+
+
+def gemm_flops_per_s() -> float:
+  """FLOP/s of a float32 4096x4096 matmul under XLA, with ddnn_jax's CPU flags."""
+  env = {**os.environ, 'XLA_FLAGS': cpu_defaults.YNN_FUSION}
+  out = subprocess.run([sys.executable, '-c', GEMM], check=True, capture_output=True, text=True,
+                       timeout=600, env=env)
+  return float(out.stdout.split()[-1])
+
+
 def measure(variant, args, out):
+  """(img/s, FLOPs per step, the raw JSON line) of one variant."""
   full, subs = NETS[args.net]
   env = dict(os.environ)
-  if variant == 'torch':
+  if variant in ('torch', 'torch-eager', 'torch-compile'):
+    impl = 'compile' if variant == 'torch-compile' else 'eager'
     cmd = [args.torch_python, args.torch_reference, '--full', full, '--subs', ';'.join(subs),
-           '--mode', args.mode if args.mode == 'ekd' else 'plain', '--impl', 'eager',
-           '--batch', str(args.batch), '--steps', str(args.steps), '--json', out]
+           '--mode', {'ekd': 'ekd', 'plain': 'plain', 'infer': 'infer'}[args.mode],
+           '--impl', impl, '--batch', str(args.batch), '--steps', str(args.steps),
+           '--json', out]
   else:
     flags, devices, parts = [], 0, variant.split('+')
     # Only the parts named: ddnn_jax's own CPU defaults only in 'default'.
@@ -66,35 +92,37 @@ def measure(variant, args, out):
         flags.append(part[4:])
       elif part != 'default':
         raise ValueError(f'unknown variant part {part!r}')
+    modes = {'ekd': 'ekd', 'plain': 'individual', 'infer': 'infer'}[args.mode]
     cmd = [sys.executable, os.path.join(HERE, 'train_step.py'), '--arch', args.net,
            '--subnets', ','.join(s.replace(',', '-') for s in subs), '--batch', str(args.batch),
-           '--modes', 'ekd' if args.mode == 'ekd' else 'individual',
-           *([] if 'notrunk' in variant else ['--no_per_depth']),
+           '--modes', modes, *([] if 'notrunk' in variant else ['--no_per_depth']),
            '--rounds', '1', '--steps', str(args.steps), f'--xla_flags={" ".join(flags)}',
            '--json', out] + (['--devices', str(devices)] if devices else [])
   subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600, env=env)
   with open(out) as f:
     lines = [json.loads(line) for line in f]
   os.unlink(out)
-  if variant == 'torch':
-    return lines[-1]['img_per_s'], lines[-1]
-  full_name = f'individual [{full}]'
-  step = 'ekd' if args.mode == 'ekd' else full_name
+  if variant.startswith('torch'):
+    line = lines[-1]
+    return line['img_per_s'], line.get('flops_per_step_flopcounter'), line
+  full_name = f'individual {full.replace(",", "-")}'
+  step = {'ekd': 'ekd', 'plain': full_name, 'infer': f'infer {full.replace(",", "-")}'}[args.mode]
   if 'notrunk' in variant:
     step = 'ekd, no shared trunk'
   (line,) = [x for x in lines if x['step'] == step]
-  return line['img_per_s'], line
+  return line['img_per_s'], line['flops'], line
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--net', default='resnet56', choices=sorted(NETS))
-  parser.add_argument('--mode', default='ekd', choices=['ekd', 'plain'],
-                      help='the EKD step of the depth set, or the full net alone (CE)')
+  parser.add_argument('--mode', default='ekd', choices=['ekd', 'plain', 'infer'],
+                      help='the EKD step of the depth set, the full net alone (CE), or the '
+                      "full net's inference pass (use --batch 256)")
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--variants', default='torch,default')
+  parser.add_argument('--variants', default='torch,torch-compile,default')
   parser.add_argument('--torch_python', default='/tmp/torchref/bin/python')
   parser.add_argument('--torch_reference',
                       default=os.path.join(HERE, '..', '..', 'shared', 'bench',
@@ -103,24 +131,38 @@ def main():
   args = parser.parse_args()
   variants = [v for v in args.variants.split(',') if v]
   results = {v: [] for v in variants}
+  step_flops = {}
+  gemm = []
   for r in range(args.rounds):
+    gemm.append(gemm_flops_per_s())
+    print(f'round {r}: XLA float32 matmul 4096^2: {gemm[-1] / 1e9:.0f} GFLOP/s', flush=True)
     for variant in variants:
       with tempfile.NamedTemporaryFile(suffix='.jsonl', delete=False) as tmp:
         out = tmp.name
-      img_s, line = measure(variant, args, out)
+      img_s, flops, line = measure(variant, args, out)
       results[variant].append(img_s)
+      step_flops[variant] = flops
       print(f'round {r}: {variant}: {img_s:.1f} img/s', flush=True)
       if args.json:
         with open(args.json, 'a') as f:
           f.write(json.dumps({'net': args.net, 'mode': args.mode, 'variant': variant,
-                              'round': r, 'img_per_s': img_s, 'detail': line}) + '\n')
-  torch = statistics.median(results['torch']) if 'torch' in results else None
-  print(f'| {args.net} {args.mode}, batch {args.batch} | median img/s | rounds | / PyTorch eager |')
-  print('|---|---|---|---|')
+                              'round': r, 'img_per_s': img_s, 'gemm_flops_per_s': gemm[-1],
+                              'detail': line}) + '\n')
+  peak = statistics.median(gemm)
+  refs = {name: statistics.median(results[name]) for name in ('torch', 'torch-eager',
+                                                              'torch-compile') if name in results}
+  head = ['variant', 'median img/s', 'rounds', *(f'/ {name}' for name in refs),
+          'fraction of GEMM peak']
+  print(f'{args.net} {args.mode}, batch {args.batch}; XLA matmul {peak / 1e9:.0f} GFLOP/s '
+        f'(median of {args.rounds} rounds)')
+  print('| ' + ' | '.join(head) + ' |\n|' + '---|' * len(head))
   for variant, values in results.items():
     median = statistics.median(values)
-    ratio = f'{median / torch:.2f}' if torch else '-'
-    print(f'| {variant} | {median:.1f} | {", ".join(f"{v:.0f}" for v in values)} | {ratio} |')
+    flops = step_flops.get(variant)
+    fraction = f'{flops * median / args.batch / peak:.2f}' if flops else '-'
+    cells = [variant, f'{median:.1f}', ', '.join(f'{v:.0f}' for v in values),
+             *(f'{median / ref:.2f}' for ref in refs.values()), fraction]
+    print('| ' + ' | '.join(cells) + ' |')
 
 
 if __name__ == '__main__':

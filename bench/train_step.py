@@ -35,7 +35,8 @@ def parse_args():
   parser.add_argument('--classes', type=int, default=10)
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--modes', default='individual,ddnn,ekd',
-                      help='modes to measure; individual = every depth trained alone')
+                      help='modes to measure; individual = every depth trained alone; '
+                      "infer = the full net's eval forward pass at --batch")
   parser.add_argument('--rounds', type=int, default=5, help='alternating rounds (median)')
   parser.add_argument('--steps', type=int, default=5, help='steps timed per round')
   parser.add_argument('--devices', type=int, default=0,
@@ -97,6 +98,33 @@ def compile_step(model, depths, mode, batch, image_shape, shared_trunk, mesh):
           'flops': flops, 'peak_bytes': peak, 'times': []}
 
 
+def compile_infer(model, depth, batch, image_shape, mesh):
+  """The eval-mode forward pass of ``depth`` (BN with its running statistics), like
+  compile_step: what evaluate, search and predict run."""
+  state = steps.create_train_state(jax.random.key(0), model, (depth,),
+                                   optax.sgd(0.01), image_shape)
+  params = parallel.replicate(state.params, mesh)
+  stats = parallel.replicate(state.batch_stats[models.depth_name(depth)], mesh)
+  images = parallel.shard_batch({'image': np.random.default_rng(0).normal(
+      size=(batch, *image_shape)).astype(np.float32)}, mesh)['image']
+  forward = jax.jit(lambda p, s, x: steps.depth_logits(model.apply, p, s, x, depth))
+  start = time.perf_counter()
+  compiled = forward.lower(params, stats, images).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  jax.block_until_ready(compiled(params, stats, images))
+
+  def step(state, data):
+    del data
+    return state, compiled(params, stats, images)
+
+  return {'step': step, 'state': None, 'data': None, 'compile_s': compile_s,
+          'flops': compiled.cost_analysis()['flops'] * mesh.size, 'peak_bytes': peak,
+          'times': []}
+
+
 def main():
   subnets = models.parse_depths(ARGS.subnets)
   dtype = jnp.dtype(ARGS.dtype)
@@ -111,7 +139,9 @@ def main():
   # name -> (depths, mode, shared trunk, remat)
   configs = {}
   for mode in ARGS.modes.split(','):
-    if mode == 'individual':
+    if mode == 'infer':
+      configs[f'infer {models.format_depth(depths[0])}'] = ((depths[0],), 'infer', True, False)
+    elif mode == 'individual':
       for depth in depths:
         name = f'individual {models.format_depth(depth)}'
         configs[name] = ((depth,), 'individual', True, ARGS.remat)
@@ -130,7 +160,10 @@ def main():
         flush=True)
   runs = {}
   for name, (d, mode, shared, remat) in configs.items():
-    runs[name] = compile_step(model(remat), d, mode, ARGS.batch, image_shape, shared, mesh)
+    if mode == 'infer':
+      runs[name] = compile_infer(model(), d[0], ARGS.batch, image_shape, mesh)
+    else:
+      runs[name] = compile_step(model(remat), d, mode, ARGS.batch, image_shape, shared, mesh)
     print(f'  compiled {name}: {runs[name]["compile_s"]:.1f} s', flush=True)
   # Alternating rounds: slow drifts of the machine (heat, other load) hit every config.
   for _ in range(ARGS.rounds):
