@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_batch_size = 512
   config.train.num_epochs = 5  # ~16 min on 2 CPU cores (README, Results).
   config.train.eval_every_epochs = 1
+  # With a validation split, evaluations during training use it and the test split is
+  # evaluated at the end (it reports); True: the test split at every evaluation too.
+  config.train.test_every_eval = False
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 500  # Also saved at every evaluation.
   config.train.keep_checkpoints = 2  # Latest ones kept, plus the best by mean eval accuracy.

@@ -221,6 +221,7 @@ RULES: dict[str, Callable[[Any, ml_collections.ConfigDict], str | None]] = {
     'train.eval_batch_size': _int_at_least(1),
     'train.num_epochs': _int_at_least(1),
     'train.eval_every_epochs': _int_at_least(1),
+    'train.test_every_eval': _boolean,
     'train.log_every_steps': _int_at_least(1),
     'train.checkpoint_every_steps': _int_at_least(1),
     'train.keep_checkpoints': _int_at_least(1),

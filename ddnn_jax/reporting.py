@@ -182,12 +182,14 @@ def train_scalars(mean: Mapping[str, Any], names: Sequence[str],
   return scalars
 
 
-def eval_scalars(result: Mapping[str, Any], names: Sequence[str], epoch: int,
+def eval_scalars(result: Mapping[str, Any] | None, names: Sequence[str], epoch: int,
                  validation: Mapping[str, Any] | None = None) -> dict[str, float]:
-  """Per-depth top-1 accuracy and CE: 'eval/...' on the test split, 'val/...' on the
-  held-out validation split when the run has one."""
-  scalars = {**per_depth('eval/accuracy', result['accuracy'], names),
-             **per_depth('eval/ce', result['ce'], names), 'epoch': float(epoch)}
+  """Per-depth top-1 accuracy and CE: 'eval/...' on the test split (if evaluated),
+  'val/...' on the held-out validation split when the run has one."""
+  scalars = {'epoch': float(epoch)}
+  if result is not None:
+    scalars.update(per_depth('eval/accuracy', result['accuracy'], names))
+    scalars.update(per_depth('eval/ce', result['ce'], names))
   if validation is not None:
     scalars.update(per_depth('val/accuracy', validation['accuracy'], names))
     scalars.update(per_depth('val/ce', validation['ce'], names))

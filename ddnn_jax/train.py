@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import jax
@@ -110,9 +111,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_result = val_result = None
     has_validation = config.data.validation_examples > 0
 
-    def evaluate_splits():
-      """(test, validation or None) results; the validation split is what selects."""
-      test = evaluate(eval_step, state, config, run, mesh)
+    def evaluate_splits(final: bool = True):
+      """(test or None, validation or None) results; the validation split is what selects.
+      With a validation split, the test split is evaluated at the end only (unless
+      train.test_every_eval): it reports, and the curves need only the held-out split."""
+      with_test = final or not has_validation or config.train.test_every_eval
+      test = evaluate(eval_step, state, config, run, mesh) if with_test else None
       val = evaluate(eval_step, state, config, run, mesh, 'validation') if has_validation else None
       return test, val
 
@@ -128,6 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       acc='/'.join(f'{a:.2f}' for a in mean['accuracy']))
       divergence.check(step, mean, names, checkpointer.latest_step(), checkpointer.directory)
 
+    started, eval_seconds = time.perf_counter(), 0.0  # Wall time, and the part evaluating.
     try:
       for step in range(start + 1, run.num_steps + 1):
         state, metrics = train_step(state, parallel.shard_batch(next(train_iter), mesh))
@@ -140,19 +145,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           log_pending(step)
         checkpoint_metrics = None
         if evaluate_now:
-          eval_result, val_result = evaluate_splits()
+          eval_start = time.perf_counter()
+          eval_result, val_result = evaluate_splits(final=is_last)
+          eval_seconds += time.perf_counter() - eval_start
           epoch = step // run.steps_per_epoch
-          writer.write_scalars(step, reporting.eval_scalars(eval_result, names, epoch,
-                                                            val_result))
+          writer.write_scalars(step, {**reporting.eval_scalars(eval_result, names, epoch,
+                                                               val_result),
+                                      'time/wall_s': time.perf_counter() - started,
+                                      'time/eval_s': eval_seconds})
           writer.flush()
           # The best checkpoint is chosen on held-out data when the run has some.
           selecting = val_result if has_validation else eval_result
           checkpoint_metrics = {'mean_accuracy': float(np.mean(selecting['accuracy']))}
           if is_main:
-            bar.write(f'epoch {epoch}: test top-1 ' + ', '.join(
-                f'{n} {a:.2%}' for n, a in zip(names, eval_result['accuracy'])) + (
-                    '; validation ' + ', '.join(f'{n} {a:.2%}' for n, a in zip(
-                        names, val_result['accuracy'])) if has_validation else ''))
+            shown = [(split, r) for split, r in (('test', eval_result), ('validation', val_result))
+                     if r is not None]
+            bar.write(f'epoch {epoch}: top-1 ' + '; '.join(split + ' ' + ', '.join(
+                f'{n} {a:.2%}' for n, a in zip(names, r['accuracy'])) for split, r in shown))
         if save_now:
           checkpointer.save(step, state, train_iter.get_state(), checkpoint_metrics)
         reason = stop_signals.requested()

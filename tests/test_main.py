@@ -17,7 +17,7 @@ from jobs import TINY, assert_one_line_error, checkpoint_steps, restore_state, r
 def test_default_config_learns_real_fashion_mnist(tmp_path, fashion_mnist_dir):
   workdir = tmp_path / 'run'
   result = run_main(workdir, f'--config.data.data_dir={fashion_mnist_dir}',
-                    '--config.train.num_epochs=1', '--config.data.train_subset=6400',
+                    '--config.train.num_epochs=2', '--config.data.train_subset=3200',
                     '--config.data.eval_subset=2000', '--config.model.width=8')
   assert result.returncode == 0, result.stderr[-3000:]
   with open(workdir / 'results.csv') as f:
@@ -28,10 +28,16 @@ def test_default_config_learns_real_fashion_mnist(tmp_path, fashion_mnist_dir):
   assert max(errors) < 50, errors
   # The table holds the measured numbers: those of the last evaluation in metrics.jsonl.
   lines = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
-  last_eval = [line for line in lines if 'eval/accuracy/3-3-3' in line][-1]
+  evals = [line for line in lines if 'epoch' in line]
+  assert [e['epoch'] for e in evals] == [1.0, 2.0]
+  # Every evaluation holds the validation split; the test split is evaluated at the end.
+  assert ['eval/accuracy/3-3-3' in e for e in evals] == [False, True]
+  assert all('val/accuracy/1-1-1' in e and e['time/wall_s'] > e['time/eval_s'] > 0
+             for e in evals)
   for row in rows:
-    key = 'eval/accuracy/' + row['depth']
-    assert float(row['top1_error']) == pytest.approx(100 * (1 - last_eval[key]), abs=1e-4)
+    for split, column in (('eval', 'top1_error'), ('val', 'val_top1_error')):
+      key = f'{split}/accuracy/' + row['depth']
+      assert float(row[column]) == pytest.approx(100 * (1 - evals[-1][key]), abs=1e-4)
     assert int(row['params']) > 0 and int(row['flops']) > 0
   assert (workdir / 'accuracy_vs_flops.png').stat().st_size > 1000
   assert '| resnet20 | 3-3-3 |' in (workdir / 'results.md').read_text()
