@@ -22,9 +22,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.arch = 'resnet20'  # The full net.
-  # Sub-nets: block counts per stage or named depths of the same family, e.g. ('resnet32',).
+  # Sub-nets: block counts per stage or named depths of the same family, e.g. ('resnet32',),
+  # at a width of model.widths as 'D@W' text: ((2, 2, 2), '3-3-3@0.5').
   config.model.subnets = ((1, 1, 1), (2, 2, 2))
   config.model.width = config_dict.placeholder(int)  # First-stage channels; None: standard.
+  # Width multipliers the net runs at (slimmable: the first channels of every layer); a
+  # sub-net at a width is written '2-2-2@0.5'. (1.0,): depth only.
+  config.model.widths = (1.0,)
+  config.model.channel_group = 8  # Narrower widths run whole groups of this many channels.
   config.model.dtype = 'float32'  # 'bfloat16' = mixed precision (float32 parameters).
   config.model.bn_momentum = 0.9
   config.model.remat = False  # Recompute block activations in the backward pass (memory).
@@ -64,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 500  # Also saved at every evaluation.
   config.train.keep_checkpoints = 2  # Latest ones kept, plus the best by mean eval accuracy.
+  # Sandwich rule: > 0 trains, each step, the full net, the smallest sub-net and this many
+  # others drawn at random (0: every depth every step).
+  config.train.sandwich_n = 0
 
   config.optim = ml_collections.ConfigDict()
   # Peak LR = learning_rate * batch_size / reference_batch_size (linear scaling rule).

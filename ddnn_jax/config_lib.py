@@ -25,9 +25,11 @@ import ml_collections
 from ddnn_jax import data, datasets, errors, losses, models
 
 # Fields that define a run: resuming a workdir with other values is refused.
-RUN_IDENTITY = ('mode', 'model.arch', 'model.subnets', 'model.width', 'data.dataset',
-                'data.image_size', 'data.train_subset', 'data.validation_examples',
-                'train.batch_size', 'seed')
+RUN_IDENTITY = ('mode', 'model.arch', 'model.subnets', 'model.width', 'model.widths',
+                'model.channel_group', 'data.dataset', 'data.image_size', 'data.train_subset',
+                'data.validation_examples', 'train.batch_size', 'seed')
+# What runs saved before a field existed trained with (their config.json lacks it).
+_BEFORE_THE_FIELD = {'model.widths': [1.0], 'model.channel_group': 8}
 # Every other field may change on resume, e.g. a lower optim.learning_rate after a
 # divergence, more train.num_epochs, other logging, checkpointing or evaluation intervals.
 
@@ -118,14 +120,57 @@ def _subnets(value, config) -> str | None:
     if config.mode == 'individual':
       if len(value) > 1:
         return "at most one depth in mode 'individual' (() trains the full net)"
-      for depth in value:
-        models.resolve_depth(depth, config.model.arch)
+      resolved = [models.resolve_depth(depth, config.model.arch) for depth in value]
     else:
-      models.depth_set(config.model.arch, value)
+      resolved = models.depth_set(config.model.arch, value)
   except ValueError as err:
     return f'{allowed}: {err}'
   if config.mode != 'individual' and not value:
     return f'at least one sub-net in mode {config.mode!r}'
+  return _subnet_widths_allowed(resolved, config)
+
+
+def _widths(value, config) -> str | None:
+  allowed = 'a tuple of width multipliers in (0, 1] that holds 1.0, each once, e.g. (0.5, 1.0)'
+  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+    return allowed
+  if not all(_is_number(w) and 0 < w <= 1 for w in value) or 1.0 not in value:
+    return allowed
+  if len(set(value)) != len(value):
+    return allowed
+  return None
+
+
+def _channel_group(value, config) -> str | None:
+  if not _is_int(value) or value < 1:
+    return 'an integer >= 1'
+  if tuple(config.model.widths) == (1.0,):
+    return None
+  channels = models.layer_channels(config.model.arch, config.model.width)
+  if any(c % value for c in channels):
+    return (f'an integer that divides every layer width of {config.model.arch} '
+            f'({", ".join(map(str, sorted(set(channels))))}) when model.widths narrows it')
+  return None
+
+
+def _subnet_widths_allowed(depths, config) -> str | None:
+  widths = tuple(config.model.widths) if 'widths' in config.model else (1.0,)
+  for depth in depths:
+    if models.width_of(depth) not in widths:
+      return (f'sub-nets at widths of model.widths={_show(tuple(widths))}, but '
+              f'{models.format_depth(depth)} has width {models.width_of(depth):g}')
+  return None
+
+
+def _sandwich_n(value, config) -> str | None:
+  if not _is_int(value) or value < 0:
+    return 'an integer >= 0'
+  k = _num_subnets(config)
+  if value and (config.mode == 'individual' or value > k - 1):
+    return (f'0, or at most K - 1 = {k - 1} (the sub-nets besides the smallest) in a mode '
+            'with sub-nets')
+  if value and any(isinstance(config.loss[w], (list, tuple)) for w in ('w', 'alpha')):
+    return '0 when loss.w or loss.alpha has one weight per sub-net (a subset has fewer)'
   return None
 
 
@@ -202,6 +247,8 @@ RULES: dict[str, Callable[[Any, ml_collections.ConfigDict], str | None]] = {
     'model.arch': _one_of(tuple(models.ARCHS)),
     'model.subnets': _subnets,
     'model.width': _width,
+    'model.widths': _widths,
+    'model.channel_group': _channel_group,
     'model.dtype': _one_of(('float32', 'bfloat16')),
     'model.bn_momentum': _number_in(0.0, 1.0),
     'model.remat': _boolean,
@@ -225,6 +272,7 @@ RULES: dict[str, Callable[[Any, ml_collections.ConfigDict], str | None]] = {
     'train.log_every_steps': _int_at_least(1),
     'train.checkpoint_every_steps': _int_at_least(1),
     'train.keep_checkpoints': _int_at_least(1),
+    'train.sandwich_n': _sandwich_n,
     'optim.learning_rate': _number_in(0.0),
     'optim.reference_batch_size': _int_at_least(1),
     'optim.momentum': _number_in(0.0, 1.0),
@@ -236,7 +284,8 @@ RULES: dict[str, Callable[[Any, ml_collections.ConfigDict], str | None]] = {
     'optim.decay_factor': _number_in(0.0, low_open=True),
 }
 # Checked first, in this order: the rules of other fields read them.
-_FIRST = ('mode', 'model.arch', 'data.dataset', 'train.num_epochs')
+_FIRST = ('mode', 'model.arch', 'model.width', 'model.widths', 'data.dataset',
+          'train.num_epochs')
 
 
 def _show(value: Any) -> str:
@@ -266,7 +315,16 @@ def depths_of(config: ml_collections.ConfigDict) -> tuple[models.Depth, ...]:
     if config.model.subnets:
       return (models.resolve_depth(config.model.subnets[0], config.model.arch),)
     return (models.arch_spec(config.model.arch).stage_sizes,)
-  return models.depth_set(config.model.arch, config.model.subnets)
+  depths = models.depth_set(config.model.arch, config.model.subnets)
+  if all(models.width_of(d) == 1.0 for d in depths):
+    return depths
+  # Along two axes "larger" is more FLOPs (the teacher-assistant chain of IPKD-TA).
+  from ddnn_jax import datasets, flops  # pylint: disable=g-import-not-at-top
+  model = models.from_config(config)
+  spec = datasets.get(config.data.dataset)
+  shape = (config.data.image_size or spec.image_size,) * 2 + (spec.image_shape[2],)
+  cost = {d: flops.profile_subnet(model, shape, d).flops for d in depths[1:]}
+  return (depths[0], *sorted(depths[1:], key=lambda d: (-cost[d], models.format_depth(d))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +375,7 @@ def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
     try:
       old = get_field(saved, key)
     except KeyError:
-      old = None
+      old = _BEFORE_THE_FIELD.get(key)
     new = get_field(current, key)
     if old != new:
       raise UsageError(f'workdir {workdir} holds a run with {key}={old!r}, not {new!r}: '

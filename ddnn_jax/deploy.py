@@ -190,8 +190,10 @@ def evaluate_depths(run: inference.TrainedRun, depths: Sequence[models.Depth], s
 
 
 def row_depth(row: dict[str, Any]) -> models.Depth:
-  """The depth of a result row: '2-1-2' (or an older '[2,1,2]') -> (2, 1, 2)."""
-  return tuple(models.parse_depth(str(row['depth'])))
+  """The depth of a result row: '2-1-2' (or an older '[2,1,2]') -> (2, 1, 2); with a
+  width, '2-1-2@0.5' -> SubNet((2, 1, 2), 0.5)."""
+  depth = models.parse_depth(str(row['depth']))
+  return models.subnet(depth, models.width_of(depth))
 
 
 def merge_rows(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]
@@ -200,8 +202,8 @@ def merge_rows(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]
   step = str(new[0]['step']) if new else None
   by_depth = {row_depth(r): r for r in old if str(r['step']) == step}
   by_depth.update({row_depth(r): r for r in new})
-  return sorted(by_depth.values(), key=lambda r: (-int(r['blocks']), [
-      -n for n in row_depth(r)]))
+  return sorted(by_depth.values(), key=lambda r: (-models.width_of(row_depth(r)),
+                                                  -int(r['blocks']), [-n for n in row_depth(r)]))
 
 
 def format_table(rows: Sequence[dict[str, Any]], latency_batch: int) -> str:

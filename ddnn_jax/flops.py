@@ -43,7 +43,10 @@ def _macs_by_module(fn, *args) -> dict[str, int]:
       module = context.module
       if isinstance(module, nn.Conv):
         kernel = math.prod(module.kernel_size)
-        in_features = args[0].shape[-1] // module.feature_group_count
+        # Grouped convs here are depthwise (one input channel per output), also when a
+        # narrower width runs fewer of their groups.
+        depthwise = module.feature_group_count > 1
+        in_features = 1 if depthwise else args[0].shape[-1]
         count = math.prod(out.shape[1:]) * kernel * in_features
       elif isinstance(module, nn.Dense):
         count = math.prod(out.shape[1:]) * args[0].shape[-1]
@@ -102,6 +105,7 @@ def shared_trunk_flops(model: models.DDNN, input_shape: Sequence[int],
 def format_profile_table(arch: str, profiles: Sequence[SubnetProfile]) -> str:
   """A Markdown table of the sub-nets' sizes, full net first."""
   lines = [f'| {arch} depth | blocks | Params (M) | FLOPs (M) |', '|---|---|---|---|']
+  # (A depth at a width below 1 is written D@W.)
   for p in profiles:
     lines.append(f'| {models.format_depth(p.depth)} | {sum(p.depth)} | '
                  f'{p.params / 1e6:.3f} | {p.flops / 1e6:.1f} |')

@@ -54,21 +54,35 @@ class TrainedRun:
   def is_trained(self, depth: models.Depth) -> bool:
     return models.depth_name(depth) in self.batch_stats
 
+  @property
+  def widths(self) -> tuple[float, ...]:
+    """The width multipliers the run's net has (model.widths), widest first."""
+    return tuple(sorted(self.config.model.get('widths', (1.0,)), reverse=True))
+
   def resolve(self, spec: models.DepthSpec) -> models.Depth:
-    """A depth of this net from a name ('resnet32'), text ('2-2-1') or block counts."""
+    """A depth of this net from a name ('resnet32'), text ('2-2-1', '2-2-1@0.5') or block
+    counts, at one of the run's widths."""
     try:
       if isinstance(spec, str):
         spec = models.parse_depth(spec)
-      return models.resolve_depth(spec, self.config.model.arch)
+      depth = models.resolve_depth(spec, self.config.model.arch)
     except ValueError as err:
       raise errors.UsageError(str(err)) from None
+    if models.width_of(depth) not in self.widths:
+      raise errors.UsageError(
+          f'depth {models.format_depth(depth)}: width {models.width_of(depth):g} is not one of '
+          f'the run\'s model.widths ({", ".join(f"{w:g}" for w in self.widths)})')
+    return depth
 
   def all_depths(self) -> list[models.Depth]:
-    """Every depth configuration of the net, full net first, then fewer blocks."""
-    return sorted(enumerate_depths(self.full_depth), key=lambda d: (-sum(d), tuple(-n for n in d)))
+    """Every depth configuration of the net at every width: the full net first, then
+    fewer blocks, then the same at each narrower width."""
+    blocks = sorted(enumerate_depths(self.full_depth), key=lambda d: (-sum(d), tuple(-n for n in d)))
+    return [models.subnet(d, w) for w in self.widths for d in blocks]
 
   def used_params(self, depth: models.Depth) -> dict[str, Any]:
-    """The parameters ``depth`` runs: the full net's tree without the skipped blocks."""
+    """The parameters ``depth`` runs: the full net's tree without the skipped blocks, and
+    at a narrower width only the channels it runs (the leading ones of every layer)."""
     return models.select_used(self.params, self._shapes(depth)['params'])
 
   def _shapes(self, depth: models.Depth):
@@ -78,8 +92,8 @@ class TrainedRun:
     """The full net's BN statistics of the modules ``depth`` runs (what a depth would be
     evaluated with if it were not recalibrated), or None if the run did not train it."""
     full = self.batch_stats.get(models.depth_name(self.full_depth))
-    if full is None:
-      return None
+    if full is None or models.width_of(depth) != 1.0:
+      return None  # (Other widths normalise other channels.)
     return models.select_used(full, self._shapes(depth)['batch_stats'])
 
   def placeholder_stats(self, depth: models.Depth) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any, Callable, Union
@@ -51,15 +52,80 @@ ARCHS: dict[str, ArchSpec] = {
     'vgg13': ArchSpec('vgg', (2, 2, 2, 2, 2)),
     'vgg16': ArchSpec('vgg', (2, 2, 3, 3, 3)),
     'vgg19': ArchSpec('vgg', (2, 2, 4, 4, 4)),
+    # Howard et al. 2017: a 3x3 stem of 32 channels, then depthwise-separable blocks of
+    # 64, 128, 256, 512, 1024 channels (1, 2, 2, 6, 2 blocks; stride 2 in the first block of
+    # every stage but the first). 'mobilenet_v1' is the CIFAR variant (stride-1 stem, for
+    # 32x32 inputs); 'mobilenet_v1_imagenet' the published one (stride-2 stem, 224x224).
+    'mobilenet_v1': ArchSpec('mobilenet', (1, 2, 2, 6, 2)),
+    'mobilenet_v1_imagenet': ArchSpec('mobilenet_imagenet', (1, 2, 2, 6, 2)),
 }
 
-DEFAULT_WIDTH = {'cifar_resnet': 16, 'resnet_basic': 64, 'resnet_bottleneck': 64, 'vgg': 64}
+DEFAULT_WIDTH = {'cifar_resnet': 16, 'resnet_basic': 64, 'resnet_bottleneck': 64, 'vgg': 64,
+                 'mobilenet': 32, 'mobilenet_imagenet': 32}
+FAMILIES_OF_A_KIND = {'mobilenet': 'mobilenet', 'mobilenet_imagenet': 'mobilenet'}
+
+
+class SubNet(tuple):
+  """A depth (block counts per stage) at a width multiplier: written ``2-2-2@0.5``.
+
+  Width 1.0 is the plain depth: ``SubNet((2, 2, 2), 1.0) == (2, 2, 2)`` with the same hash,
+  so every depth of a net without widths is the tuple it always was (``subnet`` returns
+  one). A narrower one keeps its width through every operation that keeps its type.
+  """
+  width: float
+
+  def __new__(cls, blocks: Sequence[int], width: float = 1.0):
+    obj = super().__new__(cls, tuple(blocks))
+    obj.width = float(width)
+    return obj
+
+  def __getnewargs__(self):
+    return tuple(self), self.width
+
+  def __eq__(self, other):
+    if not isinstance(other, tuple):
+      return NotImplemented
+    return tuple.__eq__(self, other) and self.width == width_of(other)
+
+  def __ne__(self, other):
+    result = self.__eq__(other)
+    return result if result is NotImplemented else not result
+
+  def __hash__(self):
+    return tuple.__hash__(self) if self.width == 1.0 else hash((tuple(self), self.width))
+
+  def __repr__(self):
+    return f'SubNet({tuple(self)!r}, {self.width:g})'
+
+
+def subnet(blocks: Sequence[int], width: float = 1.0) -> Depth:
+  """A depth at ``width``: the plain tuple at width 1, else a SubNet."""
+  blocks = tuple(int(n) for n in blocks)
+  return blocks if float(width) == 1.0 else SubNet(blocks, width)
+
+
+def width_of(depth: Any) -> float:
+  """The width multiplier of a depth (1.0 for a plain tuple)."""
+  return getattr(depth, 'width', 1.0)
+
+
+def blocks_of(depth: Any) -> tuple[int, ...]:
+  return tuple(int(n) for n in depth)
+
+
+def active_channels(width: float, channels: int, group: int) -> int:
+  """Channels a layer of ``channels`` runs at ``width``: the first ceil(width * channels),
+  rounded up to a multiple of ``group`` (all of them at width 1)."""
+  if width == 1.0:
+    return channels
+  return min(channels, group * math.ceil(width * channels / group))
 
 
 def format_depth(depth: Any) -> str:
   """The one way a depth is written, in tables, files, flags and messages: (3, 4, 6, 3)
   -> '3-4-6-3' (blocks per stage, no spaces or brackets: it pastes into a shell and a
-  file name). A name stays as it is. ``parse_depth`` reads it back, and other spellings."""
+  file name), at a width below 1 '3-4-6-3@0.5'. A name stays as it is. ``parse_depth``
+  reads it back, and other spellings."""
   if isinstance(depth, str):
     try:
       depth = parse_depth(depth)
@@ -68,9 +134,11 @@ def format_depth(depth: Any) -> str:
     if isinstance(depth, str):
       return depth
   try:
-    return '-'.join(str(int(d)) for d in depth)
+    text = '-'.join(str(int(d)) for d in depth)
   except (TypeError, ValueError):
     return repr(depth)
+  width = width_of(depth)
+  return text if width == 1.0 else f'{text}@{width:g}'
 
 
 _DEPTH_EXAMPLE = 'block counts per stage such as 2-2-2 (also [2,2,2] or 2,2,2) or a net name'
@@ -78,9 +146,21 @@ _DEPTH_EXAMPLE = 'block counts per stage such as 2-2-2 (also [2,2,2] or 2,2,2) o
 
 def parse_depth(text: str) -> DepthSpec:
   """One depth as people write it: '2-2-2', '[2,2,2]', '(2, 2, 2)', '2,2,2', '2 2 2' ->
-  (2, 2, 2); a net name ('resnet32') stays a name. Only the syntax is checked here;
+  (2, 2, 2); a net name ('resnet32') stays a name. A width follows an '@': '2-2-2@0.5',
+  'resnet32@0.5' (a name and width stay text). Only the syntax is checked here;
   ``resolve_depth`` checks a depth against a net."""
   item = str(text).strip()
+  if '@' in item:
+    blocks, _, width_text = item.rpartition('@')
+    try:
+      width = float(width_text)
+    except ValueError:
+      raise ValueError(f'depth {item!r}: the width after @ must be a number, e.g. 2-2-2@0.5'
+                       ) from None
+    parsed = parse_depth(blocks)
+    if isinstance(parsed, str):
+      return f'{parsed}@{width:g}' if width != 1.0 else parsed
+    return subnet(parsed, width)
   inner = item.strip('[]()').strip()
   if inner and (inner[0].isalpha()):
     if item != inner or not inner.replace('_', '').isalnum():
@@ -142,18 +222,29 @@ def check_depth(depth: Any, full: Depth, arch: str = 'the full net') -> Depth:
       raise ValueError(
           f'depth {_fmt(depth)}: stage {stage} has {n} blocks but {arch} '
           f'{_fmt(full)} has only {n_full}')
-  return tuple(int(n) for n in depth)
+  width = width_of(depth)
+  if not 0 < width <= 1:
+    raise ValueError(f'depth {_fmt(depth)}: width {width:g} is not in (0, 1]')
+  return subnet(depth, width)
 
 
 def resolve_depth(spec: DepthSpec, arch: str) -> Depth:
-  """A named depth ('resnet44') or an explicit list, checked against ``arch``."""
+  """A named depth ('resnet44', 'resnet44@0.5') or an explicit list, checked against
+  ``arch``."""
   full = arch_spec(arch)
+  if isinstance(spec, str) and '@' in spec:
+    parsed = parse_depth(spec)
+    if isinstance(parsed, str):
+      name, _, width = parsed.rpartition('@')
+      return subnet(resolve_depth(name, arch), float(width))
+    spec = parsed
   if isinstance(spec, str):
     named = ARCHS.get(spec.lower())
     if named is None:
       raise ValueError(f'unknown depth {spec!r}; use a list of blocks per stage or one of '
                        f'{", ".join(ARCHS)}')
-    if named.family != full.family:
+    kind = FAMILIES_OF_A_KIND.get(named.family, named.family)
+    if kind != FAMILIES_OF_A_KIND.get(full.family, full.family):
       raise ValueError(f'depth {spec!r} is a {named.family} but {arch} is a {full.family}')
     spec = named.stage_sizes
   return check_depth(spec, full.stage_sizes, arch)
@@ -167,9 +258,9 @@ def arch_spec(arch: str) -> ArchSpec:
 
 
 def depth_name(depth: Depth) -> str:
-  """Stable, readable key of a depth (BN statistics, metrics, workdirs): '5-5-5', the
-  notation of ``format_depth``."""
-  return format_depth(tuple(depth))
+  """Stable, readable key of a depth (BN statistics, metrics, workdirs): '5-5-5' or
+  '5-5-5@0.5', the notation of ``format_depth``."""
+  return format_depth(depth)
 
 
 def module_sequence(arch: str, depth: Depth) -> tuple[str, ...]:
@@ -180,9 +271,15 @@ def module_sequence(arch: str, depth: Depth) -> tuple[str, ...]:
   return stem + tuple(f'stage{s}_block{b}' for s, n in enumerate(depth) for b in range(n))
 
 
+def same_width(a: Depth, b: Depth) -> bool:
+  return width_of(a) == width_of(b)
+
+
 def shared_prefix(arch: str, a: Depth, b: Depth) -> int:
   """How many leading modules depths ``a`` and ``b`` run alike (the same modules on the
   same input; their BN statistics may differ)."""
+  if not same_width(a, b):
+    return 0  # Other widths run other channels of every module.
   count = 0
   for x, y in zip(module_sequence(arch, a), module_sequence(arch, b)):
     if x != y:
@@ -191,38 +288,119 @@ def shared_prefix(arch: str, a: Depth, b: Depth) -> int:
   return count
 
 
-def _conv(features: int, kernel: int, strides: int = 1, *, name: str, dtype: Any) -> nn.Conv:
+def _conv(features: int, kernel: int, strides: int = 1, *, name: str, dtype: Any,
+          active: int | None = None, depthwise: bool = False) -> nn.Conv:
+  """A conv of ``features`` outputs; with ``active`` < ``features``, the slimmable one that
+  runs only the first ``active`` of them (and the channels its input has)."""
   # Symmetric padding as in the reference (PyTorch) nets; 'SAME' pads asymmetrically
   # at stride 2 and would shift every downsampled map by half a pixel.
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), (strides, strides), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, dtype=dtype, name=name,
-                 kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
+  kwargs = dict(kernel_size=(kernel, kernel), strides=(strides, strides),
+                padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype, name=name,
+                kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
+  if depthwise:
+    kwargs['feature_group_count'] = features
+  if active is None or active == features:
+    return nn.Conv(features, **kwargs)
+  return SlimConv(features, active=active, **kwargs)
+
+
+def _full_or_new(module: nn.Module, name: str, init, shape) -> jax.Array:
+  """The full net's parameter ``name`` (a slimmable layer slices it); created with the
+  narrow ``shape`` only when the net is initialised at a narrow width (which only reads the
+  shapes of its BN statistics and counts its own parameters)."""
+  if module.has_variable('params', name):
+    return module.get_variable('params', name)
+  return module.param(name, init, shape, jnp.float32)
+
+
+class SlimConv(nn.Conv):
+  """A conv over the full net's kernel that runs its first ``active`` output channels on
+  the channels its input has (slimmable networks: one parameter tree for every width)."""
+  active: int = 0
+
+  @nn.compact
+  def __call__(self, x):
+    depthwise = self.feature_group_count > 1
+    c_in = x.shape[-1]
+    kernel = _full_or_new(self, 'kernel', self.kernel_init,
+                          (*self.kernel_size, 1 if depthwise else c_in, self.active))
+    kernel = kernel[..., :self.active] if depthwise else kernel[:, :, :c_in, :self.active]
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return jax.lax.conv_general_dilated(
+        x, kernel, self.strides, self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=c_in if depthwise else 1)
+
+
+class SlimDense(nn.Dense):
+  """The classifier over the first channels its input has."""
+
+  @nn.compact
+  def __call__(self, x):
+    c_in = x.shape[-1]
+    kernel = _full_or_new(self, 'kernel', self.kernel_init, (c_in, self.features))[:c_in]
+    bias = _full_or_new(self, 'bias', self.bias_init, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return x @ kernel + bias
+
+
+class SlimBatchNorm(nn.Module):
+  """BatchNorm over the first channels of the full net's scale and bias, with statistics
+  of its own size (each depth and width keeps private statistics)."""
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = _full_or_new(self, 'scale', nn.initializers.ones, (c,))[:c]
+    bias = _full_or_new(self, 'bias', nn.initializers.zeros, (c,))[:c]
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:  # As flax's BatchNorm: the biased variance E[x^2] - E[x]^2.
+      mean = jnp.mean(xf, axis=(0, 1, 2))
+      var = jnp.maximum(jnp.mean(jnp.square(xf), axis=(0, 1, 2)) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        if self.momentum == 0.0:  # Batch moments (the shared trunk's scratch space).
+          ra_mean.value, ra_var.value = mean, var
+        else:
+          ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+          ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    y = (xf - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+    return y.astype(self.dtype or x.dtype)
 
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs. Where shapes change, the shortcut is a 1x1 projection (ImageNet) or,
   with ``zero_pad_shortcut``, He et al.'s parameter-free subsample + zero-pad (CIFAR
-  option A, which gives ResNet-20 its 0.27M parameters)."""
+  option A, which gives ResNet-20 its 0.27M parameters). ``active``: the channels it
+  runs of its ``filters`` (a narrower width)."""
   filters: int
   strides: int
   norm: ModuleDef
   dtype: Any = jnp.float32
   zero_pad_shortcut: bool = False
+  active: int | None = None
 
   @nn.compact
   def __call__(self, x):
-    y = _conv(self.filters, 3, self.strides, name='conv1', dtype=self.dtype)(x)
-    y = nn.relu(self.norm(name='bn1')(y))
-    y = _conv(self.filters, 3, name='conv2', dtype=self.dtype)(y)
-    y = self.norm(name='bn2')(y)
+    f, a = self.filters, self.active or self.filters
+    y = _conv(f, 3, self.strides, name='conv1', dtype=self.dtype, active=a)(x)
+    y = nn.relu(self.norm(name='bn1', features=f, active=a)(y))
+    y = _conv(f, 3, name='conv2', dtype=self.dtype, active=a)(y)
+    y = self.norm(name='bn2', features=f, active=a)(y)
     if x.shape != y.shape and self.zero_pad_shortcut:
       x = x[:, ::self.strides, ::self.strides, :]
-      extra = self.filters - x.shape[-1]
+      extra = a - x.shape[-1]
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
     elif x.shape != y.shape:
-      x = _conv(self.filters, 1, self.strides, name='proj_conv', dtype=self.dtype)(x)
-      x = self.norm(name='proj_bn')(x)
+      x = _conv(f, 1, self.strides, name='proj_conv', dtype=self.dtype, active=a)(x)
+      x = self.norm(name='proj_bn', features=f, active=a)(x)
     return nn.relu(x + y)
 
 
@@ -232,18 +410,20 @@ class Bottleneck(nn.Module):
   strides: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  active: int | None = None
 
   @nn.compact
   def __call__(self, x):
-    y = _conv(self.filters, 1, name='conv1', dtype=self.dtype)(x)
-    y = nn.relu(self.norm(name='bn1')(y))
-    y = _conv(self.filters, 3, self.strides, name='conv2', dtype=self.dtype)(y)
-    y = nn.relu(self.norm(name='bn2')(y))
-    y = _conv(self.filters * 4, 1, name='conv3', dtype=self.dtype)(y)
-    y = self.norm(name='bn3')(y)
+    f, a = self.filters, self.active or self.filters
+    y = _conv(f, 1, name='conv1', dtype=self.dtype, active=a)(x)
+    y = nn.relu(self.norm(name='bn1', features=f, active=a)(y))
+    y = _conv(f, 3, self.strides, name='conv2', dtype=self.dtype, active=a)(y)
+    y = nn.relu(self.norm(name='bn2', features=f, active=a)(y))
+    y = _conv(f * 4, 1, name='conv3', dtype=self.dtype, active=4 * a)(y)
+    y = self.norm(name='bn3', features=4 * f, active=4 * a)(y)
     if x.shape != y.shape:
-      x = _conv(self.filters * 4, 1, self.strides, name='proj_conv', dtype=self.dtype)(x)
-      x = self.norm(name='proj_bn')(x)
+      x = _conv(f * 4, 1, self.strides, name='proj_conv', dtype=self.dtype, active=4 * a)(x)
+      x = self.norm(name='proj_bn', features=4 * f, active=4 * a)(x)
     return nn.relu(x + y)
 
 
@@ -252,11 +432,33 @@ class VGGBlock(nn.Module):
   filters: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  active: int | None = None
 
   @nn.compact
   def __call__(self, x):
-    x = _conv(self.filters, 3, name='conv', dtype=self.dtype)(x)
-    return nn.relu(self.norm(name='bn')(x))
+    f, a = self.filters, self.active or self.filters
+    x = _conv(f, 3, name='conv', dtype=self.dtype, active=a)(x)
+    return nn.relu(self.norm(name='bn', features=f, active=a)(x))
+
+
+class SeparableBlock(nn.Module):
+  """MobileNet-V1's depthwise-separable block: a 3x3 depthwise conv over its input's
+  channels and a 1x1 conv to ``filters``, each with BatchNorm and ReLU6."""
+  in_filters: int
+  filters: int
+  strides: int
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+  active: int | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    c_in, a = x.shape[-1], self.active or self.filters
+    x = _conv(self.in_filters, 3, self.strides, name='dw_conv', dtype=self.dtype,
+              active=c_in, depthwise=True)(x)
+    x = nn.relu6(self.norm(name='dw_bn', features=self.in_filters, active=c_in)(x))
+    x = _conv(self.filters, 1, name='pw_conv', dtype=self.dtype, active=a)(x)
+    return nn.relu6(self.norm(name='pw_bn', features=self.filters, active=a)(x))
 
 
 class DDNN(nn.Module):
@@ -274,6 +476,11 @@ class DDNN(nn.Module):
     dtype: compute dtype (bfloat16 for mixed precision); parameters stay float32.
     bn_momentum: running-average decay of the BatchNorm statistics.
     remat: recompute each block's activations in the backward pass (less memory).
+    channel_group: a narrower width runs a multiple of this many channels per layer.
+
+  A depth may carry a width multiplier (``SubNet``, '2-2-2@0.5'): then every layer runs
+  its first channels only (``active_channels``) over the same parameters, slimmable-style,
+  and the depth has BN statistics of its own like every depth.
   """
   arch: str
   num_classes: int
@@ -281,6 +488,7 @@ class DDNN(nn.Module):
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   remat: bool = False
+  channel_group: int = 8
 
   @property
   def spec(self) -> ArchSpec:
@@ -297,7 +505,7 @@ class DDNN(nn.Module):
     averages (pass ``mutable=['batch_stats']``); in eval mode it uses them.
     """
     depth = self.stage_sizes if depth is None else check_depth(depth, self.stage_sizes, self.arch)
-    outputs, _, _ = self._forward(x, (depth,), train=train, batch_moments=False)
+    outputs, _, _ = self._forward_widths(x, (depth,), train=train, batch_moments=False)
     return outputs[0]
 
   def cascade_stage(self, x, depth: Sequence[int], resume_at: int = 0, capture_at: int = 0):
@@ -310,8 +518,8 @@ class DDNN(nn.Module):
     Returns ``(logits, captured)``.
     """
     depth = check_depth(depth, self.stage_sizes, self.arch)
-    outputs, _, captured = self._forward(x, (depth,), train=False, batch_moments=False,
-                                         resume_at=resume_at, capture_at=capture_at)
+    outputs, _, captured = self._forward_widths(x, (depth,), train=False, batch_moments=False,
+                                                resume_at=resume_at, capture_at=capture_at)
     return outputs[0][0], captured
 
   def train_forward(self, x, depths: Sequence[Depth], running_stats: Sequence[Any]):
@@ -345,8 +553,24 @@ class DDNN(nn.Module):
     ``{top-level module: {BatchNorm: {'mean', 'var'}}}`` of this batch, in the layout of
     its 'batch_stats'. Apply with ``mutable=['batch_stats']`` (scratch space only).
     """
-    outputs, moments, _ = self._forward(x, tuple(depths), train=True, batch_moments=True)
+    outputs, moments, _ = self._forward_widths(x, tuple(depths), train=True, batch_moments=True)
     return outputs, moments
+
+  def _forward_widths(self, x, depths: tuple[Depth, ...], train: bool, batch_moments: bool,
+                      resume_at: int = 0, capture_at: int = 0):
+    """``_forward`` once per width among ``depths`` (widest first): depths of one width
+    share their trunk; other widths run other channels of every layer."""
+    widths = sorted({width_of(d) for d in depths}, reverse=True)
+    if len(widths) == 1:
+      return self._forward(x, depths, train, batch_moments, resume_at, capture_at)
+    outputs: list[Any] = [None] * len(depths)
+    moments: list[Any] = [None] * len(depths)
+    for width in widths:
+      members = [i for i, d in enumerate(depths) if width_of(d) == width]
+      out, mom, _ = self._forward(x, tuple(depths[i] for i in members), train, batch_moments)
+      for j, i in enumerate(members):
+        outputs[i], moments[i] = out[j], mom[j]
+    return tuple(outputs), moments, None
 
   @nn.compact
   def _forward(self, x, depths: tuple[Depth, ...], train: bool, batch_moments: bool,
@@ -361,9 +585,21 @@ class DDNN(nn.Module):
     """
     spec = self.spec
     width = self.width or DEFAULT_WIDTH[spec.family]
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.0 if batch_moments else self.bn_momentum, epsilon=1e-5,
-                             dtype=self.dtype)
+    multiplier = width_of(depths[0])
+    if any(width_of(d) != multiplier for d in depths):
+      raise ValueError('one _forward runs depths of one width (see _forward_widths)')
+
+    def active(channels: int) -> int | None:
+      return None if multiplier == 1.0 else active_channels(multiplier, channels,
+                                                            self.channel_group)
+
+    def norm(name: str, features: int | None = None, active: int | None = None) -> nn.Module:
+      kwargs = dict(use_running_average=not train, epsilon=1e-5, dtype=self.dtype, name=name,
+                    momentum=0.0 if batch_moments else self.bn_momentum)
+      if active is None or active == features:
+        return nn.BatchNorm(**kwargs)
+      return SlimBatchNorm(**kwargs)
+
     moments: list[dict[str, Any]] = [{} for _ in depths]
     position, captured = 0, None  # Modules run so far (in the order of module_sequence).
     resumed = x  # With resume_at: an earlier stage's output of module number resume_at.
@@ -385,19 +621,24 @@ class DDNN(nn.Module):
 
     everyone = range(len(depths))
     x = x.astype(self.dtype)
+    mobilenet = spec.family in ('mobilenet', 'mobilenet_imagenet')
     if spec.family == 'vgg':
       block_cls: Any = VGGBlock
     else:
+      stem = {'cifar_resnet': (3, 1), 'mobilenet': (3, 1), 'mobilenet_imagenet': (3, 2)}.get(
+          spec.family, (7, 2))
+      x = run(_conv(width, *stem, name='stem_conv', dtype=self.dtype, active=active(width)), x,
+              everyone)
       if spec.family == 'cifar_resnet':
         block_cls = functools.partial(BasicBlock, zero_pad_shortcut=True)
-        x = run(_conv(width, 3, name='stem_conv', dtype=self.dtype), x, everyone)
+      elif mobilenet:
+        block_cls = SeparableBlock
       else:
         block_cls = BasicBlock if spec.family == 'resnet_basic' else Bottleneck
-        x = run(_conv(width, 7, 2, name='stem_conv', dtype=self.dtype), x, everyone)
-      x = run(norm(name='stem_bn'), x, everyone)
+      x = run(norm('stem_bn', width, active(width)), x, everyone)
       if resume_at < 2:  # Else the resumed output already passed the stem's ReLU and pool.
-        x = nn.relu(x)
-        if spec.family != 'cifar_resnet':
+        x = nn.relu6(x) if mobilenet else nn.relu(x)
+        if spec.family in ('resnet_basic', 'resnet_bottleneck'):
           x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
       if capture_at == 2:  # The stem's output, after its ReLU (and pool).
         captured = x
@@ -408,12 +649,21 @@ class DDNN(nn.Module):
 
     def block(s, b):
       if (s, b) not in blocks:
+        name = f'stage{s}_block{b}'
         if spec.family == 'vgg':
-          blocks[s, b] = block_cls(min(width * 2**s, width * 8), norm=norm, dtype=self.dtype,
-                                   name=f'stage{s}_block{b}')  # 64, 128, 256, 512, 512
+          filters = min(width * 2**s, width * 8)  # 64, 128, 256, 512, 512
+          blocks[s, b] = block_cls(filters, norm=norm, dtype=self.dtype, name=name,
+                                   active=active(filters))
+        elif mobilenet:
+          filters = width * 2**(s + 1)  # 64, 128, 256, 512, 1024
+          in_filters = filters if b else (width * 2**s if s else width)
+          blocks[s, b] = block_cls(in_filters, filters, 2 if s > 0 and b == 0 else 1,
+                                   norm=norm, dtype=self.dtype, name=name,
+                                   active=active(filters))
         else:
-          blocks[s, b] = block_cls(width * 2**s, 2 if s > 0 and b == 0 else 1, norm=norm,
-                                   dtype=self.dtype, name=f'stage{s}_block{b}')
+          filters = width * 2**s
+          blocks[s, b] = block_cls(filters, 2 if s > 0 and b == 0 else 1, norm=norm,
+                                   dtype=self.dtype, name=name, active=active(filters))
       return blocks[s, b]
 
     features: list[list[Any]] = [[] for _ in depths]
@@ -436,7 +686,8 @@ class DDNN(nn.Module):
             next_groups.append((x, leaving))
       groups = next_groups
 
-    head = nn.Dense(self.num_classes, dtype=self.dtype, name='head')
+    head = (nn.Dense if multiplier == 1.0 else SlimDense)(self.num_classes, dtype=self.dtype,
+                                                           name='head')
     # Outputs in float32 at least: the loss of a bfloat16 net is computed in float32.
     out_dtype = jnp.promote_types(self.dtype, jnp.float32)
     logits: list[Any] = [None] * len(depths)
@@ -450,10 +701,11 @@ class DDNN(nn.Module):
 
 
 def create_model(arch: str, num_classes: int, *, width: int | None = None,
-                 dtype: Any = jnp.float32, bn_momentum: float = 0.9, remat: bool = False) -> DDNN:
+                 dtype: Any = jnp.float32, bn_momentum: float = 0.9, remat: bool = False,
+                 channel_group: int = 8) -> DDNN:
   arch_spec(arch)  # Fail early on unknown names.
   return DDNN(arch=arch.lower(), num_classes=num_classes, width=width, dtype=dtype,
-              bn_momentum=bn_momentum, remat=remat)
+              bn_momentum=bn_momentum, remat=remat, channel_group=channel_group)
 
 
 def from_config(config) -> DDNN:
@@ -462,7 +714,8 @@ def from_config(config) -> DDNN:
   from ddnn_jax import datasets  # pylint: disable=g-import-not-at-top
   return create_model(config.model.arch, datasets.get(config.data.dataset).num_classes,
                       width=config.model.width, dtype=jnp.dtype(config.model.dtype),
-                      bn_momentum=config.model.bn_momentum, remat=config.model.remat)
+                      bn_momentum=config.model.bn_momentum, remat=config.model.remat,
+                      channel_group=config.model.get('channel_group', 8))
 
 
 def variable_shapes(model: DDNN, image_shape: Sequence[int], depth: Depth | None = None):
@@ -473,11 +726,28 @@ def variable_shapes(model: DDNN, image_shape: Sequence[int], depth: Depth | None
 
 
 def select_used(tree, like):
-  """The sub-tree of ``tree`` with the keys of ``like``: e.g. the full net's parameters
-  restricted to those a depth uses (``like``: that depth's ``variable_shapes``)."""
+  """The sub-tree of ``tree`` with the keys of ``like``, each leaf cut to the shape of
+  ``like``'s: e.g. the full net's parameters restricted to those a depth uses, and at a
+  narrower width to the leading channels it runs (``like``: its ``variable_shapes``)."""
   if not isinstance(like, dict):
-    return tree
+    if tuple(tree.shape) == tuple(like.shape):
+      return tree
+    return tree[tuple(slice(0, n) for n in like.shape)]
   return {k: select_used(tree[k], v) for k, v in like.items()}
+
+
+def layer_channels(arch: str, width: int | None = None) -> tuple[int, ...]:
+  """The output channels of the net's layers by stage (stem first): what a channel group
+  must divide for narrower widths to keep whole groups."""
+  spec = arch_spec(arch)
+  base = width or DEFAULT_WIDTH[spec.family]
+  stages = len(spec.stage_sizes)
+  if spec.family == 'vgg':
+    return tuple(min(base * 2**s, base * 8) for s in range(stages))
+  if spec.family in ('mobilenet', 'mobilenet_imagenet'):
+    return (base, *(base * 2**(s + 1) for s in range(stages)))
+  scale = 4 if spec.family == 'resnet_bottleneck' else 1
+  return (base, *(base * 2**s for s in range(stages)), *(scale * base * 2**s for s in range(stages)))
 
 
 def depth_set(arch: str, subnets: Sequence[DepthSpec] = ()) -> tuple[Depth, ...]:
@@ -500,7 +770,8 @@ def depth_set(arch: str, subnets: Sequence[DepthSpec] = ()) -> tuple[Depth, ...]
 def depth_label(arch: str, depth: Depth) -> str | None:
   """The named net a depth equals (e.g. (5, 5, 5) of a ResNet-56 is 'resnet32'), or None."""
   family = arch_spec(arch).family
+  width = width_of(depth)
   for name, spec in ARCHS.items():
-    if spec.family == family and spec.stage_sizes == tuple(depth):
-      return name
+    if spec.family == family and spec.stage_sizes == blocks_of(depth):
+      return name if width == 1.0 else f'{name}@{width:g}'
   return None

@@ -2,6 +2,7 @@ r"""Params and FLOPs (multiply-adds of one image) of each depth of a DDNN.
 
   python -m ddnn_jax.profile resnet50 --subnets 3-4-4-3,3-3-3-3 --image 224
   python -m ddnn_jax.profile --config configs/imagenet.py:r50_r26
+  python -m ddnn_jax.profile mobilenet_v1            # every width: 0.25, 0.5, 0.75, 1.0
 
 Counted on the traced model (``ddnn_jax.flops``).
 """
@@ -24,6 +25,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--image', type=int, default=0, help='input size (default 32; 224 ImageNet)')
   parser.add_argument('--channels', type=int, default=3)
   parser.add_argument('--classes', type=int, default=0, help='default 10; 1000 for ImageNet')
+  parser.add_argument('--widths', default=None,
+                      help='every depth also at these width multipliers, e.g. 0.5,1.0 '
+                      '(default: 0.25,0.5,0.75,1.0 for MobileNets, else 1.0; with --config its '
+                      'depth set as it is)')
+  parser.add_argument('--channel_group', type=int, default=8)
   args = parser.parse_args(argv)
   if (args.arch is None) == (args.config is None):
     parser.error('give a full net (e.g. resnet50) or --config, not both')
@@ -45,9 +51,24 @@ def main(argv: Sequence[str] | None = None) -> None:
       width = None
   except ValueError as err:
     parser.error(str(err))
-  model = models.create_model(arch, classes, width=width)
-  print(flops.format_profile_table(arch, [flops.profile_subnet(model, shape, d)
-                                          for d in depths]))
+  if args.widths is not None:
+    try:
+      widths = tuple(float(w) for w in args.widths.split(','))
+    except ValueError:
+      parser.error(f'--widths {args.widths!r}: numbers in (0, 1] joined by commas')
+  elif args.config:
+    widths = (1.0,)  # The config's depth set, each at its own width.
+  else:
+    widths = (0.25, 0.5, 0.75, 1.0) if 'mobilenet' in models.arch_spec(arch).family else (1.0,)
+  if not all(0 < w <= 1 for w in widths):
+    parser.error(f'--widths {args.widths!r}: numbers in (0, 1] joined by commas')
+  group = config.model.get('channel_group', 8) if args.config else args.channel_group
+  model = models.create_model(arch, classes, width=width, channel_group=group)
+  subnets = [d if models.width_of(d) != 1.0 else models.subnet(d, w)
+             for w in sorted(widths, reverse=True) for d in depths
+             if models.width_of(d) == 1.0 or w == 1.0]
+  rows = [flops.profile_subnet(model, shape, d) for d in subnets]
+  print(flops.format_profile_table(arch, rows))
 
 
 if __name__ == '__main__':

@@ -5,7 +5,8 @@ r"""Searches a trained run's depth configurations for the best accuracy per FLOP
 
 Every depth configuration is a candidate (prod(n_i) of them). Up to ``--max_candidates``
 all are evaluated; larger spaces are searched progressively: from the full net, remove
-one block at a time, keeping at each size the ``--beam`` candidates that lose the least
+one block at a time (or, for a run with model.widths, step to the next narrower width),
+keeping at each size the ``--beam`` candidates that lose the least
 accuracy per FLOP saved. Each candidate is evaluated on the validation split (held out
 of training) with its own BN statistics if the run trained it, recalibrated otherwise.
 Writes ``W/search/candidates.csv`` (all), ``pareto.csv`` (the fronts of error against
@@ -30,15 +31,24 @@ SEARCH_DIR = 'search'
 Scores = Mapping[models.Depth, tuple[float, float]]  # depth -> (top-1 error, FLOPs)
 
 
-def children(depth: models.Depth) -> list[models.Depth]:
-  """The depths one block smaller: one stage loses its last block (stages keep >= 1)."""
-  return [depth[:s] + (n - 1,) + depth[s + 1:] for s, n in enumerate(depth) if n > 1]
+def children(depth: models.Depth, widths: Sequence[float] = (1.0,)) -> list[models.Depth]:
+  """The sub-nets one step smaller: one stage loses its last block (stages keep >= 1), or
+  the whole net runs at the next narrower of ``widths``."""
+  width = models.width_of(depth)
+  blocks = models.blocks_of(depth)
+  smaller = [models.subnet(blocks[:s] + (n - 1,) + blocks[s + 1:], width)
+             for s, n in enumerate(blocks) if n > 1]
+  narrower = sorted(w for w in widths if w < width)
+  if narrower:
+    smaller.append(models.subnet(blocks, narrower[-1]))
+  return smaller
 
 
 def progressive_search(full: models.Depth,
                        evaluate_fn: Callable[[list[models.Depth]], Scores],
-                       beam: int) -> dict[models.Depth, tuple[float, float]]:
-  """Beam search from the full net down to one block per stage.
+                       beam: int, widths: Sequence[float] = (1.0,)
+                       ) -> dict[models.Depth, tuple[float, float]]:
+  """Beam search from the full net down to one block per stage (at the narrowest width).
 
   ``evaluate_fn(depths)`` returns {depth: (error, flops)}. At each size, the ``beam``
   candidates kept are those that add the least error per FLOP saved, relative to the
@@ -49,7 +59,7 @@ def progressive_search(full: models.Depth,
   while True:
     parents: dict[models.Depth, list[models.Depth]] = {}
     for parent in frontier:
-      for child in children(parent):
+      for child in children(parent, widths):
         parents.setdefault(child, []).append(parent)
     if not parents:
       return scores
@@ -117,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   run = inference.load_run(args.workdir, args.step)
   deploy.check_split(run, args.split)
   deploy.warn_if_selecting_on_test(args.split, 'the depths and their fronts are')
-  smallest = (1,) * len(run.full_depth)
+  smallest = models.subnet((1,) * len(run.full_depth), min(run.widths))
   smallest_flops = flops.profile_subnet(run.model, run.image_shape, smallest).flops
   if args.max_flops is not None and args.max_flops < smallest_flops:
     raise errors.UsageError(
@@ -146,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     return {d: (float(rows_by_depth[d]['top1_error']), float(rows_by_depth[d]['flops']))
             for d in depths}
 
-  space = math.prod(run.full_depth)
+  space = math.prod(run.full_depth) * len(run.widths)
   exhaustive = space <= args.max_candidates
   with cli.progress(None, f'searching {space} depths' if exhaustive else
                     f'progressive search (beam {args.beam}) of {space} depths',
@@ -154,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if exhaustive:
       evaluate_fn(run.all_depths())
     else:
-      progressive_search(run.full_depth, evaluate_fn, args.beam)
+      progressive_search(run.full_depth, evaluate_fn, args.beam, run.widths)
 
   rows = deploy.merge_rows([], list(rows_by_depth.values()))
   fronts = {key: deploy.pareto_front([(float(r[key]), float(r['top1_error'])) for r in rows])

@@ -119,7 +119,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   """
   (loss, aux), grads = loss_and_grads(state, batch, depths=depths, mode=mode, weights=weights,
                                       shared_trunk=shared_trunk)
-  state = state.apply_gradients(grads=grads, batch_stats=aux['batch_stats'])
+  # Depths that did not run this step (a sandwich-rule subset) keep their statistics.
+  state = state.apply_gradients(grads=grads, batch_stats={**state.batch_stats,
+                                                          **aux['batch_stats']})
   metrics = {'loss': loss, 'accuracy': _accuracy(aux['logits'], batch['label']), **aux['parts']}
   return state, metrics
 

@@ -70,6 +70,55 @@ def initial_state(config: ml_collections.ConfigDict, run: config_lib.RunSetup,
                        batch_stats=jax.tree.map(jnp.asarray, stats))
 
 
+def _mean_of_runs(values: np.ndarray) -> np.ndarray:
+  """The mean over steps (axis 0) of the steps that ran a depth (NaN: did not)."""
+  counts = np.sum(~np.isnan(values), axis=0)
+  return np.where(counts > 0, np.nansum(values, axis=0) / np.maximum(counts, 1), np.nan)
+
+
+class Sandwich:
+  """The sandwich rule: each step trains the full net, the smallest sub-net and
+  ``train.sandwich_n`` others drawn at random (seeded by the run's seed and the step, so
+  a resumed run draws the same). Each subset is its own compiled step."""
+
+  def __init__(self, config: ml_collections.ConfigDict, run: config_lib.RunSetup, mesh):
+    self.depths = run.depths
+    self.n = config.train.sandwich_n
+    self.seed = config.seed
+    self.mode, self.weights, self.mesh = (config.mode, steps.LossWeights.from_config(config),
+                                          mesh)
+    self._steps: dict[tuple[int, ...], Any] = {}
+
+  def choose(self, step: int) -> tuple[int, ...]:
+    """Indices into the depth set: 0 (the full net), the smallest and n others, in order."""
+    middle = range(1, len(self.depths) - 1)
+    rng = np.random.default_rng((self.seed, step))
+    drawn = rng.choice(list(middle), size=self.n, replace=False) if self.n else []
+    return tuple(sorted({0, len(self.depths) - 1, *map(int, drawn)}))
+
+  def step(self, chosen: tuple[int, ...]):
+    if chosen not in self._steps:
+      self._steps[chosen], _ = steps.jit_steps(
+          tuple(self.depths[i] for i in chosen), self.mode, self.weights, mesh=self.mesh,
+          max_traces=1)
+    return self._steps[chosen]
+
+  def expand(self, metrics: dict[str, Any], chosen: tuple[int, ...]) -> dict[str, Any]:
+    """A subset's metrics laid out over every depth (NaN where a depth did not run)."""
+    out = {}
+    for key, value in metrics.items():
+      value = np.asarray(value, np.float64)
+      if value.ndim == 0:
+        out[key] = value
+        continue
+      positions = chosen if len(value) == len(chosen) else chosen[1:]
+      full = np.full(len(self.depths) if len(value) == len(chosen) else len(self.depths) - 1,
+                     np.nan)
+      full[[p if len(value) == len(chosen) else p - 1 for p in positions]] = value
+      out[key] = full
+    return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains every depth of the DDNN in ``config``; returns the final eval metrics by depth."""
   run = config_lib.setup(config)
@@ -85,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step, eval_step = steps.jit_steps(
         run.depths, config.mode, steps.LossWeights.from_config(config),
         mesh=mesh, max_traces=1)
+    sandwich = Sandwich(config, run, mesh) if config.train.sandwich_n else None
     train_iter = data.create_train_iterator(
         config.data.dataset, run.data_dir, global_batch_size=config.train.batch_size,
         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -125,18 +175,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       nonlocal pending
       if not pending:
         return
-      mean = jax.tree.map(lambda *x: np.mean(np.stack(x), 0), *parallel.fetch(pending))
+      fetched = parallel.fetch(pending)
+      if sandwich is not None:  # Steps of depth subsets: checked each, averaged per depth.
+        for metrics_, chosen in fetched:
+          divergence.check(step, metrics_, [names[i] for i in chosen],
+                           checkpointer.latest_step(), checkpointer.directory)
+        fetched = [sandwich.expand(m, chosen) for m, chosen in fetched]
+        with np.errstate(invalid='ignore'):  # A depth no step of the window ran: NaN.
+          mean = jax.tree.map(lambda *x: _mean_of_runs(np.stack(x)), *fetched)
+      else:
+        mean = jax.tree.map(lambda *x: np.mean(np.stack(x), 0), *fetched)
+        divergence.check(step, mean, names, checkpointer.latest_step(), checkpointer.directory)
       pending = []
-      writer.write_scalars(step, reporting.train_scalars(mean, names, learning_rate(step - 1)))
+      scalars = reporting.train_scalars(mean, names, learning_rate(step - 1))
+      writer.write_scalars(step, {k: v for k, v in scalars.items() if not np.isnan(v)})
       bar.set_postfix(loss=f'{mean["loss"]:.3f}',
                       acc='/'.join(f'{a:.2f}' for a in mean['accuracy']))
-      divergence.check(step, mean, names, checkpointer.latest_step(), checkpointer.directory)
 
     started, eval_seconds = time.perf_counter(), 0.0  # Wall time, and the part evaluating.
     try:
       for step in range(start + 1, run.num_steps + 1):
-        state, metrics = train_step(state, parallel.shard_batch(next(train_iter), mesh))
-        pending.append(metrics)
+        batch = parallel.shard_batch(next(train_iter), mesh)
+        if sandwich is None:
+          state, metrics = train_step(state, batch)
+          pending.append(metrics)
+        else:
+          chosen = sandwich.choose(step)
+          state, metrics = sandwich.step(chosen)(state, batch)
+          pending.append((metrics, chosen))
         bar.update(1)
         is_last = step == run.num_steps
         evaluate_now = step % steps_per_eval == 0 or is_last

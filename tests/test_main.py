@@ -82,6 +82,12 @@ BAD_VALUES = [
     ('train.batch_size=-8', 'train.batch_size=-8: must be an integer >= 1'),
     ('train.batch_size=12', 'train.batch_size=12: must be a multiple of the 8 devices'),
     ('train.eval_batch_size=0', 'train.eval_batch_size=0: must be an integer >= 1'),
+    # Widths: not one of model.widths, outside (0, 1], a group that splits a layer.
+    ("model.subnets=('2-2-2@0.5',)", 'model.subnets=(\'2-2-2@0.5\',): must be sub-nets at '
+     'widths of model.widths=(1.0,), but 2-2-2@0.5 has width 0.5'),
+    ('model.widths=(1.5,1.0)', 'model.widths=(1.5, 1.0): must be a tuple of width multipliers '
+     'in (0, 1]'),
+    ('train.sandwich_n=2', 'train.sandwich_n=2: must be 0, or at most K - 1 = 1'),
     ('train.num_epochs=-1', 'train.num_epochs=-1: must be an integer >= 1'),
     ('train.num_epochs=0', 'train.num_epochs=0: must be an integer >= 1'),
     ('train.eval_every_epochs=0', 'train.eval_every_epochs=0: must be an integer >= 1'),
