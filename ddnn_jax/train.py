@@ -10,6 +10,7 @@ SIGTERM/SIGINT (``preemption``).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -176,19 +177,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if not pending:
         return
       fetched = parallel.fetch(pending)
+      pending = []
+      # The log line is written before the check raises, so the log shows the divergence.
+      check = functools.partial(divergence.check, step, last_good=checkpointer.latest_step(),
+                                checkpoint_dir=checkpointer.directory)
       if sandwich is not None:  # Steps of depth subsets: checked each, averaged per depth.
-        for metrics_, chosen in fetched:
-          divergence.check(step, metrics_, [names[i] for i in chosen],
-                           checkpointer.latest_step(), checkpointer.directory)
+        checks = [functools.partial(check, m, [names[i] for i in chosen]) for m, chosen in fetched]
         fetched = [sandwich.expand(m, chosen) for m, chosen in fetched]
         with np.errstate(invalid='ignore'):  # A depth no step of the window ran: NaN.
           mean = jax.tree.map(lambda *x: _mean_of_runs(np.stack(x)), *fetched)
+        scalars = reporting.train_scalars(mean, names, learning_rate(step - 1))
+        scalars = {k: v for k, v in scalars.items() if not np.isnan(v)}
       else:
         mean = jax.tree.map(lambda *x: np.mean(np.stack(x), 0), *fetched)
-        divergence.check(step, mean, names, checkpointer.latest_step(), checkpointer.directory)
-      pending = []
-      scalars = reporting.train_scalars(mean, names, learning_rate(step - 1))
-      writer.write_scalars(step, {k: v for k, v in scalars.items() if not np.isnan(v)})
+        checks = [functools.partial(check, mean, names)]
+        scalars = reporting.train_scalars(mean, names, learning_rate(step - 1))
+      writer.write_scalars(step, scalars)
+      for check_ in checks:
+        check_()
       bar.set_postfix(loss=f'{mean["loss"]:.3f}',
                       acc='/'.join(f'{a:.2f}' for a in mean['accuracy']))
 
