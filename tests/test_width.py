@@ -207,8 +207,7 @@ def test_a_two_width_run_trains_and_evaluates_every_depth_at_every_width(tmp_pat
                     '--config.data.validation_examples=512', '--config.train.num_epochs=1',
                     '--config.model.widths=(0.5,1.0)',
                     "--config.model.subnets=((2,2,2),'3-3-3@0.5','2-2-2@0.5','1-1-1@0.5')",
-                    '--config.train.sandwich_n=1', '--config.train.log_every_steps=4',
-                    optimized=True)
+                    '--config.train.sandwich_n=1', '--config.train.log_every_steps=4')
   assert result.returncode == 0, result.stderr[-3000:]
   rows = list(csv.DictReader(open(workdir / 'results.csv')))
   assert [r['depth'] for r in rows] == ['3-3-3', '2-2-2', '3-3-3@0.5', '2-2-2@0.5', '1-1-1@0.5']
@@ -218,8 +217,7 @@ def test_a_two_width_run_trains_and_evaluates_every_depth_at_every_width(tmp_pat
   train_lines = [line for line in lines if 'train/loss' in line]
   assert all('train/ce/3-3-3' in line and 'train/ce/1-1-1@0.5' in line for line in train_lines)
   evaluated = run_module('evaluate', '--workdir', workdir, '--depths', 'all', '--split',
-                         'validation', '--calib_examples', 128, '--latency_repeats', 1,
-                         optimized=True)
+                         'validation', '--calib_examples', 128, '--latency_repeats', 1)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   rows = list(csv.DictReader(open(workdir / 'evaluation' / 'validation.csv')))
   assert len(rows) == 27 * 2 and len({r['depth'] for r in rows}) == 54
