@@ -375,17 +375,21 @@ class SlimBatchNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs. Where shapes change, the shortcut is a 1x1 projection (ImageNet) or,
-  with ``zero_pad_shortcut``, He et al.'s parameter-free subsample + zero-pad (CIFAR
-  option A, which gives ResNet-20 its 0.27M parameters). ``active``: the channels it
-  runs of its ``filters`` (a narrower width)."""
+class _ResidualBlock(nn.Module):
+  """What both ResNet blocks take. ``active``: the channels a block runs of its
+  ``filters`` (a narrower width)."""
   filters: int
   strides: int
   norm: ModuleDef
   dtype: Any = jnp.float32
-  zero_pad_shortcut: bool = False
   active: int | None = None
+
+
+class BasicBlock(_ResidualBlock):
+  """Two 3x3 convs. Where shapes change, the shortcut is a 1x1 projection (ImageNet) or,
+  with ``zero_pad_shortcut``, He et al.'s parameter-free subsample + zero-pad (CIFAR
+  option A, which gives ResNet-20 its 0.27M parameters)."""
+  zero_pad_shortcut: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -404,13 +408,8 @@ class BasicBlock(nn.Module):
     return nn.relu(x + y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
   """ImageNet Bottleneck (stride on the 3x3 conv, 'ResNet v1.5')."""
-  filters: int
-  strides: int
-  norm: ModuleDef
-  dtype: Any = jnp.float32
-  active: int | None = None
 
   @nn.compact
   def __call__(self, x):
