@@ -167,6 +167,15 @@ def test_help_names_the_paper_columns():
   assert "paper's" in result.stdout and 'Table 1/2' in result.stdout
 
 
+def test_a_depth_at_two_widths_is_two_rows(tmp_path):
+  made = [make_run(tmp_path, f'{mode}{s}', mode, s, {'3-3-3': 8.0 + s, '3-3-3@0.5': 9.0 + s})
+          for mode in ('ipkd', 'ipkd_ta') for s in range(2)]
+  out = tmp_path / 'report'
+  compare.main([*made, '--out', str(out), '--diffs', 'ipkd_ta-ipkd'])
+  rows = list(csv.DictReader(open(out / 'comparison.csv')))
+  assert sorted({r['depth'] for r in rows}) == ['3-3-3', '3-3-3@0.5'], rows
+
+
 def test_validation_split(tmp_path):
   made = [make_run(tmp_path, f'ekd{s}', 'ekd', s, {'3-3-3': 8.0}, val_errors={'3-3-3': 7.0 + s})
           for s in range(2)]
