@@ -66,14 +66,8 @@ def read_run(workdir: str, split: str = 'test') -> dict[str, Any]:
           'train_subset': get('data', 'train_subset'),
           'validation_examples': get('data', 'validation_examples'),
           'batch_size': get('train', 'batch_size'),
-          'rows': [{'depth': _depth(r['depth']), 'params': int(r['params']),
+          'rows': [{'depth': models.parse_depth(r['depth']), 'params': int(r['params']),
                     'flops': int(r['flops']), 'error': float(r[column])} for r in rows]}
-
-
-def _depth(text: str) -> models.Depth:
-  """A depth of results.csv, its width kept: '3-3-3@0.5' is not '3-3-3'."""
-  depth = models.parse_depth(text)
-  return models.subnet(depth, models.width_of(depth))
 
 
 def _get(config: dict[str, Any], keys: Sequence[str]) -> Any:
