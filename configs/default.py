@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   # sub-net at a width is written '2-2-2@0.5'. (1.0,): depth only.
   config.model.widths = (1.0,)
   config.model.channel_group = 8  # Narrower widths run whole groups of this many channels.
+  # Learn which inner channel groups of a ResNet block a narrower width keeps (trainable
+  # noise ranking, ddnn_jax.ranking) instead of the first ones; needs model.widths < 1.
+  config.model.noise_ranking = False
   config.model.dtype = 'float32'  # 'bfloat16' = mixed precision (float32 parameters).
   config.model.bn_momentum = 0.9
   config.model.remat = False  # Recompute block activations in the backward pass (memory).
@@ -42,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.temperature = 1.0
   # Stages whose attention maps are distilled; None: all (the MSE is summed over them).
   config.loss.attention_stages = config_dict.placeholder(tuple)
+  # Weight of the noise ranking's reward for noise (with model.noise_ranking only).
+  config.loss.noise_penalty = 0.05
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'fashion_mnist'  # fashion_mnist | cifar10 | cifar100 | imagenet2012

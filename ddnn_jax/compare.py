@@ -38,6 +38,9 @@ from ddnn_jax import cli, losses, models, paper, reporting, stats
 SAME = ('dataset', 'arch', 'width', 'num_epochs', 'train_subset', 'validation_examples',
         'batch_size')
 DEFAULT_DIFFS = 'ekd-individual,ekd-ddnn'
+# A run with model.noise_ranking is its own scheme: its mode and this suffix.
+RANKED = '+ranked'
+SCHEMES = tuple(s for mode in losses.MODES for s in (mode, mode + RANKED))
 SPLIT_COLUMNS = {'test': 'top1_error', 'validation': 'val_top1_error'}
 
 
@@ -60,7 +63,8 @@ def read_run(workdir: str, split: str = 'test') -> dict[str, Any]:
            'validation errors') if split == 'validation' else 'it is incomplete'
     raise cli.UsageError(f'{results_path} has no {split} errors (column {column}): {why}')
   get = lambda *keys: _get(config, keys)  # noqa: E731
-  return {'workdir': workdir, 'mode': config['mode'], 'seed': config['seed'],
+  scheme = config['mode'] + (RANKED if get('model', 'noise_ranking') else '')
+  return {'workdir': workdir, 'mode': scheme, 'seed': config['seed'],
           'arch': get('model', 'arch'), 'width': get('model', 'width'),
           'dataset': get('data', 'dataset'), 'num_epochs': get('train', 'num_epochs'),
           'train_subset': get('data', 'train_subset'),
@@ -105,7 +109,7 @@ def comparison(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
             f'{models.format_depth(row["depth"])} (one is {run["workdir"]}): give each '
             '(mode, seed) once')
       seeds[run['seed']] = row['error']
-  modes = [m for m in losses.MODES if any(m in e['errors'] for e in by_depth.values())]
+  modes = [m for m in SCHEMES if any(m in e['errors'] for e in by_depth.values())]
   rows = sorted(by_depth.values(), key=lambda e: (-e['flops'], e['depth']))
   return rows, modes
 
@@ -115,9 +119,9 @@ def parse_diffs(text: str) -> list[tuple[str, str]]:
   diffs = []
   for item in filter(None, text.split(',')):
     a, sep, b = item.partition('-')
-    if not sep or a not in losses.MODES or b not in losses.MODES or a == b:
+    if not sep or a not in SCHEMES or b not in SCHEMES or a == b:
       raise cli.UsageError(f'--diffs: {item!r} must be two different schemes as A-B, from '
-                           f'{", ".join(losses.MODES)}')
+                           f'{", ".join(losses.MODES)} (a noise-ranked run: MODE{RANKED})')
     diffs.append((a, b))
   return diffs
 

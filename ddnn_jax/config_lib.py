@@ -26,10 +26,11 @@ from ddnn_jax import data, datasets, errors, losses, models
 
 # Fields that define a run: resuming a workdir with other values is refused.
 RUN_IDENTITY = ('mode', 'model.arch', 'model.subnets', 'model.width', 'model.widths',
-                'model.channel_group', 'data.dataset', 'data.image_size', 'data.train_subset',
+                'model.channel_group', 'model.noise_ranking', 'data.dataset', 'data.image_size', 'data.train_subset',
                 'data.validation_examples', 'train.batch_size', 'seed')
 # What runs saved before a field existed trained with (their config.json lacks it).
-_BEFORE_THE_FIELD = {'model.widths': [1.0], 'model.channel_group': 8}
+_BEFORE_THE_FIELD = {'model.widths': [1.0], 'model.channel_group': 8,
+                     'model.noise_ranking': False}
 # Every other field may change on resume, e.g. a lower optim.learning_rate after a
 # divergence, more train.num_epochs, other logging, checkpointing or evaluation intervals.
 
@@ -162,6 +163,19 @@ def _subnet_widths_allowed(depths, config) -> str | None:
   return None
 
 
+def _noise_ranking(value, config) -> str | None:
+  if not isinstance(value, bool):
+    return 'True or False'
+  if not value:
+    return None
+  if models.arch_spec(config.model.arch).family not in (
+      'cifar_resnet', 'resnet_basic', 'resnet_bottleneck'):
+    return f'False for {config.model.arch}: it ranks the inner channels of ResNet blocks'
+  if tuple(config.model.widths) == (1.0,):
+    return 'False unless model.widths has a width below 1.0 (nothing narrower to rank for)'
+  return None
+
+
 def _sandwich_n(value, config) -> str | None:
   if not _is_int(value) or value < 0:
     return 'an integer >= 0'
@@ -249,6 +263,7 @@ RULES: dict[str, Callable[[Any, ml_collections.ConfigDict], str | None]] = {
     'model.width': _width,
     'model.widths': _widths,
     'model.channel_group': _channel_group,
+    'model.noise_ranking': _noise_ranking,
     'model.dtype': _one_of(('float32', 'bfloat16')),
     'model.bn_momentum': _number_in(0.0, 1.0),
     'model.remat': _boolean,
@@ -256,6 +271,7 @@ RULES: dict[str, Callable[[Any, ml_collections.ConfigDict], str | None]] = {
     'loss.alpha': _per_subnet_weight,
     'loss.temperature': _number_in(0.0, low_open=True),
     'loss.attention_stages': _attention_stages,
+    'loss.noise_penalty': _number_in(0.0),
     'data.dataset': _one_of(datasets.NAMES),
     'data.data_dir': _optional_string,
     'data.source_dir': _optional_string,

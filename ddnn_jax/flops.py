@@ -72,7 +72,9 @@ def module_flops(model: models.DDNN, input_shape: Sequence[int], depth: models.D
 
 
 def count_params(params) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+  """Parameters a deployed net uses (not the noise ranking's logits, which train only)."""
+  return sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(params)
+             if not str(getattr(path[-1], 'key', '')).startswith('noise_logit'))
 
 
 def profile_subnet(model: models.DDNN, input_shape: Sequence[int],

@@ -375,14 +375,35 @@ class SlimBatchNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
+# Largest standard deviation of the ranking noise (sigma = NOISE_MAX * sigmoid(logit)).
+NOISE_MAX = 1.0
+
+
 class _ResidualBlock(nn.Module):
   """What both ResNet blocks take. ``active``: the channels a block runs of its
-  ``filters`` (a narrower width)."""
+  ``filters`` (a narrower width). ``noise_ranking``: the block's inner channels carry a
+  learned noise level per group of ``channel_group`` (``ranking``)."""
   filters: int
   strides: int
   norm: ModuleDef
   dtype: Any = jnp.float32
   active: int | None = None
+  noise_ranking: bool = False
+  channel_group: int = 8
+
+  def ranked(self, y, number: int, features: int, active: int):
+    """``y`` (the block's inner space ``number``) times 1 + sigma * N(0, 1) per channel,
+    sigma learned per channel group: at full width, in training (a 'noise' rng given).
+    Groups the loss needs least learn the most noise; ``ranking`` sorts them last."""
+    if not self.noise_ranking:
+      return y
+    logit = self.param(f'noise_logit{number}', nn.initializers.zeros,
+                       (features // self.channel_group,), jnp.float32)
+    if active != features or not self.has_rng('noise'):
+      return y
+    sigma = NOISE_MAX * jnp.repeat(jax.nn.sigmoid(logit), self.channel_group)
+    eps = jax.random.normal(self.make_rng('noise'), y.shape, jnp.float32)
+    return (y * (1 + sigma * eps)).astype(y.dtype)
 
 
 class BasicBlock(_ResidualBlock):
@@ -395,7 +416,7 @@ class BasicBlock(_ResidualBlock):
   def __call__(self, x):
     f, a = self.filters, self.active or self.filters
     y = _conv(f, 3, self.strides, name='conv1', dtype=self.dtype, active=a)(x)
-    y = nn.relu(self.norm(name='bn1', features=f, active=a)(y))
+    y = nn.relu(self.ranked(self.norm(name='bn1', features=f, active=a)(y), 1, f, a))
     y = _conv(f, 3, name='conv2', dtype=self.dtype, active=a)(y)
     y = self.norm(name='bn2', features=f, active=a)(y)
     if x.shape != y.shape and self.zero_pad_shortcut:
@@ -415,9 +436,9 @@ class Bottleneck(_ResidualBlock):
   def __call__(self, x):
     f, a = self.filters, self.active or self.filters
     y = _conv(f, 1, name='conv1', dtype=self.dtype, active=a)(x)
-    y = nn.relu(self.norm(name='bn1', features=f, active=a)(y))
+    y = nn.relu(self.ranked(self.norm(name='bn1', features=f, active=a)(y), 1, f, a))
     y = _conv(f, 3, self.strides, name='conv2', dtype=self.dtype, active=a)(y)
-    y = nn.relu(self.norm(name='bn2', features=f, active=a)(y))
+    y = nn.relu(self.ranked(self.norm(name='bn2', features=f, active=a)(y), 2, f, a))
     y = _conv(f * 4, 1, name='conv3', dtype=self.dtype, active=4 * a)(y)
     y = self.norm(name='bn3', features=4 * f, active=4 * a)(y)
     if x.shape != y.shape:
@@ -476,6 +497,8 @@ class DDNN(nn.Module):
     bn_momentum: running-average decay of the BatchNorm statistics.
     remat: recompute each block's activations in the backward pass (less memory).
     channel_group: a narrower width runs a multiple of this many channels per layer.
+    noise_ranking: ResNet blocks learn which inner channel groups matter (``ranking``),
+      from noise applied only when the apply gets a 'noise' rng (the train step's).
 
   A depth may carry a width multiplier (``SubNet``, '2-2-2@0.5'): then every layer runs
   its first channels only (``active_channels``) over the same parameters, slimmable-style,
@@ -488,6 +511,7 @@ class DDNN(nn.Module):
   bn_momentum: float = 0.9
   remat: bool = False
   channel_group: int = 8
+  noise_ranking: bool = False
 
   @property
   def spec(self) -> ArchSpec:
@@ -661,8 +685,11 @@ class DDNN(nn.Module):
                                    active=active(filters))
         else:
           filters = width * 2**s
+          ranking = dict(noise_ranking=True, channel_group=self.channel_group) if (
+              self.noise_ranking) else {}
           blocks[s, b] = block_cls(filters, 2 if s > 0 and b == 0 else 1, norm=norm,
-                                   dtype=self.dtype, name=name, active=active(filters))
+                                   dtype=self.dtype, name=name, active=active(filters),
+                                   **ranking)
       return blocks[s, b]
 
     features: list[list[Any]] = [[] for _ in depths]
@@ -701,10 +728,11 @@ class DDNN(nn.Module):
 
 def create_model(arch: str, num_classes: int, *, width: int | None = None,
                  dtype: Any = jnp.float32, bn_momentum: float = 0.9, remat: bool = False,
-                 channel_group: int = 8) -> DDNN:
+                 channel_group: int = 8, noise_ranking: bool = False) -> DDNN:
   arch_spec(arch)  # Fail early on unknown names.
   return DDNN(arch=arch.lower(), num_classes=num_classes, width=width, dtype=dtype,
-              bn_momentum=bn_momentum, remat=remat, channel_group=channel_group)
+              bn_momentum=bn_momentum, remat=remat, channel_group=channel_group,
+              noise_ranking=noise_ranking)
 
 
 def from_config(config) -> DDNN:
@@ -714,7 +742,8 @@ def from_config(config) -> DDNN:
   return create_model(config.model.arch, datasets.get(config.data.dataset).num_classes,
                       width=config.model.width, dtype=jnp.dtype(config.model.dtype),
                       bn_momentum=config.model.bn_momentum, remat=config.model.remat,
-                      channel_group=config.model.get('channel_group', 8))
+                      channel_group=config.model.get('channel_group', 8),
+                      noise_ranking=config.model.get('noise_ranking', False))
 
 
 def variable_shapes(model: DDNN, image_shape: Sequence[int], depth: Depth | None = None):

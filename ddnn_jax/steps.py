@@ -19,7 +19,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from ddnn_jax import losses, models, parallel
+from ddnn_jax import losses, models, parallel, ranking
 
 
 class TrainState(train_state.TrainState):
@@ -32,15 +32,18 @@ class LossWeights:
   alpha: float | tuple[float, ...] = 1.0  # Attention-MSE weight, or one per sub-net.
   temperature: float = 1.0
   attention_stages: tuple[int, ...] | None = None  # Distilled stages; None: all.
+  noise_penalty: float = 0.0  # Weight of ``ranking.penalty`` (model.noise_ranking runs).
 
   @classmethod
   def from_config(cls, config) -> LossWeights:
     """The ``config.loss`` fields (validated by ``config_lib``)."""
     as_weight = lambda v: tuple(v) if isinstance(v, (list, tuple)) else float(v)  # noqa: E731
     stages = config.loss.attention_stages
+    ranked = config.model.get('noise_ranking', False)
     return cls(w=as_weight(config.loss.w), alpha=as_weight(config.loss.alpha),
                temperature=float(config.loss.temperature),
-               attention_stages=None if stages is None else tuple(stages))
+               attention_stages=None if stages is None else tuple(stages),
+               noise_penalty=float(config.loss.noise_penalty) if ranked else 0.0)
 
 
 def create_train_state(rng: jax.Array, model: models.DDNN, depths: Sequence[models.Depth],
@@ -67,15 +70,18 @@ def _train_forward(state: TrainState, params, images, depths, need_attention: bo
   it each depth is its own forward pass (the reference the shared trunk must equal).
   """
   names = [models.depth_name(d) for d in depths]
+  # Only a net with model.noise_ranking draws from it; a resumed run draws the same.
+  rngs = {'noise': jax.random.fold_in(jax.random.key(0), state.step)}
   if shared_trunk:
     (outputs, new_stats), _ = state.apply_fn(
         {'params': params}, images, depths, [state.batch_stats[n] for n in names],
-        method=models.DDNN.train_forward, mutable=['batch_stats'])
+        method=models.DDNN.train_forward, mutable=['batch_stats'], rngs=rngs)
   else:
     outputs, new_stats = [], []
     for depth, name in zip(depths, names):
       out, mutated = state.apply_fn({'params': params, 'batch_stats': state.batch_stats[name]},
-                                    images, depth=depth, train=True, mutable=['batch_stats'])
+                                    images, depth=depth, train=True, mutable=['batch_stats'],
+                                    rngs=rngs)
       outputs.append(out)
       new_stats.append(mutated['batch_stats'])
   logits = jnp.stack([z for z, _ in outputs])
@@ -104,6 +110,8 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *,
                                                   shared_trunk, weights.attention_stages)
     loss, parts = losses.ddnn_objective(mode, logits, attention, labels, w=weights.w,
                                         alpha=weights.alpha, temperature=weights.temperature)
+    if weights.noise_penalty:
+      loss = loss + weights.noise_penalty * ranking.penalty(params)
     return loss, {'logits': logits, 'parts': parts, 'batch_stats': new_stats}
 
   return jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -24,7 +24,8 @@ import tqdm
 from etils import epath
 
 from ddnn_jax import (checkpoints, config_lib, data, datasets, divergence, errors, flops, optim,
-                      parallel, preemption, reporting, steps, workdir as workdir_lib)
+                      parallel, preemption, ranking, reporting, steps,
+                      workdir as workdir_lib)
 
 
 def evaluate(eval_step, state: steps.TrainState, config: ml_collections.ConfigDict,
@@ -161,6 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending: list[dict[str, Any]] = []  # Step metrics not yet logged.
     eval_result = val_result = None
     has_validation = config.data.validation_examples > 0
+    ranked = config.model.noise_ranking
 
     def evaluate_splits(final: bool = True):
       """(test or None, validation or None) results; the validation split is what selects.
@@ -211,6 +213,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           pending.append((metrics, chosen))
         bar.update(1)
         is_last = step == run.num_steps
+        if ranked and step % run.steps_per_epoch == 0 and not is_last:
+          # Before this step's evaluation and checkpoint: they see the ranked net.
+          state, moved = ranking.sort_channels(state, config.model.channel_group, run.depths,
+                                               batch['image'])
+          state = parallel.replicate(state, mesh)
+          writer.write_scalars(step, {'ranking/groups_moved': moved})
         evaluate_now = step % steps_per_eval == 0 or is_last
         save_now = evaluate_now or step % config.train.checkpoint_every_steps == 0
         if step % config.train.log_every_steps == 0 or save_now:

@@ -19,12 +19,13 @@ T_TABLE = {1: 12.706205, 2: 4.302653, 4: 2.776445}
 
 
 def make_run(root, name, mode, seed, errors, arch='resnet20', dataset='fashion_mnist',
-             epochs=3, val_errors=None):
+             epochs=3, val_errors=None, noise_ranking=None):
   """A finished workdir as python -m ddnn_jax.main leaves it: config.json, results.csv."""
   workdir = root / name
   workdir.mkdir()
+  ranking = {} if noise_ranking is None else {'noise_ranking': noise_ranking}
   (workdir / 'config.json').write_text(json.dumps({
-      'mode': mode, 'seed': seed, 'model': {'arch': arch, 'width': 8},
+      'mode': mode, 'seed': seed, 'model': {'arch': arch, 'width': 8, **ranking},
       'data': {'dataset': dataset, 'train_subset': None, 'validation_examples': 5000},
       'train': {'num_epochs': epochs, 'batch_size': 128}}))
   with open(workdir / 'results.csv', 'w', newline='') as f:
@@ -174,6 +175,16 @@ def test_a_depth_at_two_widths_is_two_rows(tmp_path):
   compare.main([*made, '--out', str(out), '--diffs', 'ipkd_ta-ipkd'])
   rows = list(csv.DictReader(open(out / 'comparison.csv')))
   assert sorted({r['depth'] for r in rows}) == ['3-3-3', '3-3-3@0.5'], rows
+
+
+def test_a_noise_ranked_run_is_its_own_scheme(tmp_path):
+  made = [make_run(tmp_path, f'{ranked}{s}', 'ipkd', s, {'3-3-3@0.5': 9.0 + s - 0.5 * ranked},
+                   noise_ranking=ranked) for ranked in (False, True) for s in range(2)]
+  out = tmp_path / 'report'
+  compare.main([*made, '--out', str(out), '--diffs', 'ipkd+ranked-ipkd'])
+  diffs = list(csv.DictReader(open(out / 'differences.csv')))
+  assert len(diffs) == 1 and (diffs[0]['a'], diffs[0]['b']) == ('ipkd+ranked', 'ipkd')
+  assert float(diffs[0]['mean_a_minus_b']) == pytest.approx(-0.5)
 
 
 def test_validation_split(tmp_path):
