@@ -1,18 +1,21 @@
-"""ddnn_jax's training step against the PyTorch eager reference, and XLA CPU variants,
+"""ddnn_jax's training step against PyTorch (eager and torch.compile) and XLA CPU variants,
 measured in one session in alternating rounds (one process per measurement).
 
   python bench/compare_cpu.py --net resnet56 --rounds 3 \
       --variants torch,baseline,ynn,ynn+dev2,ynn+dev2+tcmalloc
+  python bench/compare_cpu.py --net resnet20 --mode infer --batch 256   # inference
 
 Each round runs every variant once, in turn, so slow drifts of the machine hit all of
-them. A variant is 'torch' (the reference, ../shared/bench/torch_reference.py, in its
-own venv) or '+'-joined parts for ddnn_jax's step:
+them. A variant is 'torch' or 'torch-eager' (the reference, ../shared/bench/torch_reference.py,
+in its own venv), 'torch-compile' (the same under torch.compile) or '+'-joined parts for
+ddnn_jax's step:
   baseline   no CPU defaults of ddnn_jax (DDNN_JAX_CPU_DEFAULTS=0)
   default    ddnn_jax's CPU defaults, as shipped
   ynn        --xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce
   devN       the batch sharded over N CPU devices
   tcmalloc   LD_PRELOAD=libtcmalloc_minimal.so.4
   notrunk    each depth its own forward pass (no shared trunk), as before issue 9
+  bf16       bfloat16 compute, float32 parameters (model.dtype)
   xla=FLAGS  other XLA flags
 Prints per variant the median img/s, its ratio to each PyTorch reference measured, and
 the fraction of GEMM peak (the variant's FLOPs per step / its step time / the matmul's
@@ -72,7 +75,7 @@ def measure(variant, args, out):
            '--impl', impl, '--batch', str(args.batch), '--steps', str(args.steps),
            '--json', out]
   else:
-    flags, devices, parts = [], 0, variant.split('+')
+    flags, devices, dtype, parts = [], 0, 'float32', variant.split('+')
     # Only the parts named: ddnn_jax's own CPU defaults only in 'default'.
     env['DDNN_JAX_CPU_DEFAULTS'] = '1' if 'default' in parts else '0'
     for part in parts:
@@ -86,6 +89,8 @@ def measure(variant, args, out):
         if TCMALLOC is None:
           raise SystemExit('tcmalloc: apt-get install libtcmalloc-minimal4')
         env['LD_PRELOAD'] = TCMALLOC
+      elif part == 'bf16':
+        dtype = 'bfloat16'
       elif part == 'notrunk':
         pass  # Read off the same run's 'ekd, no shared trunk' row.
       elif part.startswith('xla='):
@@ -97,6 +102,7 @@ def measure(variant, args, out):
            '--subnets', ','.join(s.replace(',', '-') for s in subs), '--batch', str(args.batch),
            '--modes', modes, *([] if 'notrunk' in variant else ['--no_per_depth']),
            '--rounds', '1', '--steps', str(args.steps), f'--xla_flags={" ".join(flags)}',
+           '--dtype', dtype,
            '--json', out] + (['--devices', str(devices)] if devices else [])
   subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600, env=env)
   with open(out) as f:

@@ -2,6 +2,7 @@
 
   python bench/op_profile.py [--arch resnet56 --subnets 7-7-7,5-5-5,3-3-3] [--mode ekd]
       [--batch 128] [--steps 3] [--xla_flags "..."] [--out FILE.md]
+  python bench/op_profile.py --arch resnet20 --mode infer --batch 256   # eval forward pass
 
 Runs the jitted step under jax.profiler on one CPU device, sums the duration of every
 XLA op over the timed steps and prints milliseconds per step by op kind (the op name
@@ -30,7 +31,8 @@ def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--arch', default='resnet56')
   parser.add_argument('--subnets', default='7-7-7,5-5-5,3-3-3')
-  parser.add_argument('--mode', default='ekd')
+  parser.add_argument('--mode', default='ekd',
+                      help="a training mode, or infer: the full net's eval forward pass")
   parser.add_argument('--width', type=int, default=0, help='0: the standard width')
   parser.add_argument('--image', type=int, default=32)
   parser.add_argument('--channels', type=int, default=3)
@@ -99,8 +101,17 @@ def main():
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(ARGS.batch, *image_shape)).astype(np.float32),
            'label': rng.integers(0, ARGS.classes, ARGS.batch).astype(np.int32)}
-  train, _ = steps.jit_steps(depths, ARGS.mode, steps.LossWeights(alpha=100.0))
-  op_names, convolutions = hlo_ops(train.lower(state, batch).compile().as_text())
+  if ARGS.mode == 'infer':  # The full net's eval forward pass (evaluate, search, predict).
+    forward = jax.jit(lambda p, s, x: steps.depth_logits(model.apply, p, s, x, depths[0]))
+    stats = state.batch_stats[models.depth_name(depths[0])]
+
+    def train(state, batch):
+      return state, forward(state.params, stats, batch['image'])
+    compiled = forward.lower(state.params, stats, batch['image']).compile()
+  else:
+    train, _ = steps.jit_steps(depths, ARGS.mode, steps.LossWeights(alpha=100.0))
+    compiled = train.lower(state, batch).compile()
+  op_names, convolutions = hlo_ops(compiled.as_text())
   for _ in range(2):  # Compile and warm up.
     state, metrics = train(state, batch)
   jax.block_until_ready(metrics)
