@@ -24,3 +24,27 @@ def fashion_mnist_dir(tmp_path_factory):
   from ddnn_jax import data  # pylint: disable=g-import-not-at-top
   return data.ensure_prepared('fashion_mnist', str(tmp_path_factory.mktemp('tfds')),
                               FASHION_MNIST)
+
+
+@pytest.fixture(scope='session')
+def small_fashion_mnist_dir(tmp_path_factory):
+  """The first images of each split of the real Fashion-MNIST (jobs.SMALL_FASHION_MNIST),
+  prepared into a data_dir of their own: for runs whose tools read a whole split (a
+  cascade's test split), so they need not read 10,000 images."""
+  if not os.path.isdir(FASHION_MNIST):
+    pytest.skip('apt-get install dataset-fashion-mnist (.ci/run does)')
+  import gzip  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddnn_jax import data, preparation  # pylint: disable=g-import-not-at-top
+  from jobs import SMALL_FASHION_MNIST  # pylint: disable=g-import-not-at-top
+  source = tmp_path_factory.mktemp('fashion_mnist_small')
+  for split, stems in preparation.FASHION_MNIST_FILES.items():
+    for stem in stems:
+      with gzip.open(pathlib.Path(FASHION_MNIST) / f'{stem}.gz', 'rb') as f:
+        full = preparation.parse_idx(f.read(), stem)[:SMALL_FASHION_MNIST[split]]
+      header = bytes([0, 0, 8, full.ndim]) + np.asarray(full.shape, '>u4').tobytes()
+      with gzip.open(source / f'{stem}.gz', 'wb') as f:
+        f.write(header + full.tobytes())
+  return data.ensure_prepared('fashion_mnist', str(tmp_path_factory.mktemp('tfds_small')),
+                              str(source))

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ddnn_jax import cascading, dynamic, inference, models
-from jobs import assert_one_line_error, run_main, run_module
+from jobs import SMALL_FASHION_MNIST, assert_one_line_error, run_main, run_module
 
 
 def _overconfident(n=4000, seed=0):
@@ -124,10 +124,11 @@ CALIB = 256
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, fashion_mnist_dir):
-  """ResNet-20 (width 4) with [2,2,2] and [1,1,1], EKD, 2 epochs on 2,048 images."""
+def trained(tmp_path_factory, small_fashion_mnist_dir):
+  """ResNet-20 (width 4) with [2,2,2] and [1,1,1], EKD, 2 epochs on 2,048 images; the
+  tools read the whole test split, 1,000 images in this data_dir."""
   workdir = tmp_path_factory.mktemp('cascade') / 'run'
-  result = run_main(workdir, f'--config.data.data_dir={fashion_mnist_dir}',
+  result = run_main(workdir, f'--config.data.data_dir={small_fashion_mnist_dir}',
                     '--config.model.width=4', '--config.train.num_epochs=2',
                     '--config.data.train_subset=2048', '--config.data.eval_subset=1000',
                     '--config.data.validation_examples=1000', '--config.train.batch_size=64',
@@ -197,7 +198,7 @@ def test_the_real_early_exit_routes_every_test_example_as_the_simulation(trained
   assert 0 < (want_stage == 0).mean() < 1 and (want_stage == 2).any()  # Every stage used.
   executor = cascading.Executor(run, cascade, stats, batch_size=64)
   got_logits, got_stage = executor.logits(_test_images(run))
-  assert len(got_stage) == len(labels) == 10000  # The whole test split.
+  assert len(got_stage) == len(labels) == SMALL_FASHION_MNIST['test']  # The whole test split.
   np.testing.assert_array_equal(got_stage, want_stage)
   np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
   # 157 batches of varying composition: each stage compiled at most once per bucket.
