@@ -16,19 +16,16 @@ TINY = ['--config.model.width=4', '--config.data.train_subset=512',
         '--config.train.eval_batch_size=128', '--config.train.log_every_steps=4']
 
 
-# Virtual CPU devices of a child process unless a test asks for others: still a sharded
-# run, but 8 devices on 2 cores made every spawned run slower (a two-width run and its
-# 54-depth evaluate: 158 s on 8, 133 s on 2). The test process itself keeps 8.
-CHILD_DEVICES = 2
-
-
 def child_env(devices=None, optimized=False, extra_env=None):
-  """The test session's environment for a child process: ``devices`` virtual CPU devices
-  (CHILD_DEVICES if not given); ``optimized``: XLA's usual optimisation (tests compile
-  tiny nets at -O0); ``extra_env``: more variables."""
+  """The test session's environment for a child process; ``devices`` virtual CPU devices
+  instead of 8; ``optimized``: XLA's usual optimisation (tests compile tiny nets at -O0);
+  ``extra_env``: more variables."""
+  if not devices and not optimized:
+    return {**os.environ, **extra_env} if extra_env else None
   flags = os.environ.get('XLA_FLAGS', '').split()
-  flags = [f for f in flags if not f.startswith('--xla_force_host_platform_device_count')]
-  flags.append(f'--xla_force_host_platform_device_count={devices or CHILD_DEVICES}')
+  if devices:
+    flags = [f for f in flags if not f.startswith('--xla_force_host_platform_device_count')]
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
   if optimized:
     flags = [f for f in flags if not f.startswith('--xla_backend_optimization_level')]
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags), **(extra_env or {})}

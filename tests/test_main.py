@@ -80,7 +80,7 @@ def test_sigkill_then_restart_equals_uninterrupted_run(tmp_path, fashion_mnist_d
 BAD_VALUES = [
     ('train.batch_size=0', 'train.batch_size=0: must be an integer >= 1'),
     ('train.batch_size=-8', 'train.batch_size=-8: must be an integer >= 1'),
-    ('train.batch_size=13', 'train.batch_size=13: must be a multiple of the 2 devices'),
+    ('train.batch_size=12', 'train.batch_size=12: must be a multiple of the 8 devices'),
     ('train.eval_batch_size=0', 'train.eval_batch_size=0: must be an integer >= 1'),
     # Widths: not one of model.widths, outside (0, 1], a group that splits a layer.
     ("model.subnets=('2-2-2@0.5',)", 'model.subnets=(\'2-2-2@0.5\',): must be sub-nets at '
