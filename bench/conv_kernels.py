@@ -32,6 +32,11 @@ import jax.numpy as jnp  # noqa: E402
 NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
+def conv_flop(batch, size, channels):
+  """FLOPs of one 3x3, stride-1, channels-to-channels convolution (or of one gradient)."""
+  return 2 * batch * size * size * 9 * channels * channels
+
+
 def conv(x, w):
   return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NUMBERS)
 
@@ -133,7 +138,7 @@ def main():
           out = f(x, w, g)
         jax.block_until_ready(out)
         times[name].append((time.perf_counter() - start) / args.steps)
-    flop = 2 * args.batch * size * size * 9 * channels * channels
+    flop = conv_flop(args.batch, size, channels)
     for name in KERNELS:
       seconds = statistics.median(times[name])
       error = '-'
@@ -152,8 +157,7 @@ def main():
     for line in out.stdout.splitlines():
       row = json.loads(line)
       size, channels = map(int, row['shape'].split('x'))
-      flop = 2 * args.batch * size * size * 9 * channels * channels
-      flop *= 3 if row['kernel'] != 'forward' else 1
+      flop = conv_flop(args.batch, size, channels) * (1 if row['kernel'] == 'forward' else 3)
       ratio = (f' (XLA / torch time {totals[row["shape"]] / row["ms"]:.2f})'
                if row['kernel'] != 'forward' else '')
       print(f'| {row["shape"]} | torch {row["layout"]} {row["kernel"]}{ratio} | '

@@ -35,16 +35,14 @@ def small_fashion_mnist_dir(tmp_path_factory):
     pytest.skip('apt-get install dataset-fashion-mnist (.ci/run does)')
   import gzip  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from ddnn_jax import data, preparation  # pylint: disable=g-import-not-at-top
+  from fakes import write_idx  # pylint: disable=g-import-not-at-top
   from jobs import SMALL_FASHION_MNIST  # pylint: disable=g-import-not-at-top
   source = tmp_path_factory.mktemp('fashion_mnist_small')
   for split, stems in preparation.FASHION_MNIST_FILES.items():
     for stem in stems:
       with gzip.open(pathlib.Path(FASHION_MNIST) / f'{stem}.gz', 'rb') as f:
-        full = preparation.parse_idx(f.read(), stem)[:SMALL_FASHION_MNIST[split]]
-      header = bytes([0, 0, 8, full.ndim]) + np.asarray(full.shape, '>u4').tobytes()
-      with gzip.open(source / f'{stem}.gz', 'wb') as f:
-        f.write(header + full.tobytes())
+        full = preparation.parse_idx(f.read(), stem)
+      write_idx(source / f'{stem}.gz', full[:SMALL_FASHION_MNIST[split]])
   return data.ensure_prepared('fashion_mnist', str(tmp_path_factory.mktemp('tfds_small')),
                               str(source))
