@@ -1,0 +1,157 @@
+"""oneDNN convolutions as XLA FFI calls: the same values and gradients as XLA's own
+convolution, only where they apply, per device under a mesh, and a readable reason when
+they cannot be built."""
+
+import contextlib
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ddnn_jax import models, onednn, parallel, steps
+
+NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+
+
+@pytest.fixture(autouse=True)
+def built():
+  """Skips where oneDNN is not installed, unless CI says it must be (DDNN_JAX_EXPECT_ONEDNN=1)."""
+  reason = onednn.unavailable_reason()
+  if reason is not None:
+    if os.environ.get('DDNN_JAX_EXPECT_ONEDNN') == '1':
+      pytest.fail(f'oneDNN convolutions expected but unavailable: {reason}')
+    pytest.skip(reason)
+
+
+def one_device_mesh():
+  return parallel.create_mesh(jax.devices()[:1]).abstract_mesh
+
+
+def custom_calls(fn, *args) -> int:
+  return jax.jit(fn).lower(*args).as_text().count(onednn.HANDLERS['forward'])
+
+
+@pytest.mark.parametrize('kernel,stride,size', [(3, 1, 8), (3, 2, 9), (3, 2, 8), (1, 2, 8),
+                                                (1, 1, 5)])
+def test_forward_and_both_gradients_equal_xla(kernel, stride, size):
+  pad = kernel // 2
+  kx, kw, kg = jax.random.split(jax.random.key(kernel * 10 + stride), 3)
+  x = jax.random.normal(kx, (4, size, size, 6))
+  w = jax.random.normal(kw, (kernel, kernel, 6, 10))
+  args = ((stride, stride), ((pad, pad), (pad, pad)))
+
+  def loss(conv):
+    return lambda x, w: jnp.sum(jnp.sin(conv(x, w, *args, dimension_numbers=NUMBERS)))
+
+  with jax.sharding.use_abstract_mesh(one_device_mesh()):
+    assert custom_calls(lambda x, w: onednn.conv_general_dilated(
+        x, w, *args, dimension_numbers=NUMBERS), x, w) == 1
+    y = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, *args,
+                                                         dimension_numbers=NUMBERS))(x, w)
+    grads = jax.jit(jax.grad(loss(onednn.conv_general_dilated), (0, 1)))(x, w)
+  want = jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=NUMBERS)
+  want_grads = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  out = (size + 2 * pad - kernel) // stride + 1
+  chex.assert_shape(y, (4, out, out, 10))
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  assert len(grads) == len(want_grads) == 2
+  for got, expected in zip(grads, want_grads):
+    chex.assert_equal_shape((got, expected))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('case', ['bfloat16', 'groups', 'SAME', 'asymmetric', 'dilated',
+                                  'strides'])
+def test_other_convolutions_stay_with_xla(case):
+  x = jnp.ones((2, 8, 8, 4), jnp.bfloat16 if case == 'bfloat16' else jnp.float32)
+  w = jnp.ones((3, 3, 1 if case == 'groups' else 4, 4), x.dtype)
+  kwargs = dict(window_strides=(1, 2) if case == 'strides' else (1, 1),
+                padding='SAME' if case == 'SAME' else
+                ((0, 1), (1, 1)) if case == 'asymmetric' else ((1, 1), (1, 1)),
+                dimension_numbers=NUMBERS, feature_group_count=4 if case == 'groups' else 1,
+                rhs_dilation=(2, 2) if case == 'dilated' else None)
+  with jax.sharding.use_abstract_mesh(one_device_mesh()):
+    assert custom_calls(lambda x, w: onednn.conv_general_dilated(x, w, **kwargs), x, w) == 0
+    got = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, **kwargs))(x, w)
+  np.testing.assert_array_equal(got, jax.lax.conv_general_dilated(x, w, **kwargs))
+
+
+def test_disabled_and_unplaceable_calls_stay_with_xla():
+  x, w = jnp.ones((8, 6, 6, 4)), jnp.ones((3, 3, 4, 4))
+
+  def conv(x, w):
+    return onednn.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=NUMBERS)
+
+  mesh8 = parallel.create_mesh().abstract_mesh
+  assert jax.device_count() == 8  # conftest: without a mesh, no device may run it alone.
+  assert custom_calls(conv, x, w) == 0
+  with jax.sharding.use_abstract_mesh(mesh8):
+    assert custom_calls(conv, x, w) == 1
+    assert custom_calls(conv, x[:6], w) == 0  # 6 images do not split over 8 devices.
+    with onednn.disabled():
+      assert custom_calls(lambda x, w: conv(x, w), x, w) == 0
+
+
+def test_vmapped_convolution_equals_xla():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+
+  def conv(fn):
+    return lambda x: fn(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NUMBERS)
+
+  with jax.sharding.use_abstract_mesh(one_device_mesh()):
+    got = jax.jit(jax.vmap(conv(onednn.conv_general_dilated)))(x)
+  np.testing.assert_allclose(got, jax.vmap(conv(jax.lax.conv_general_dilated))(x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_ekd_step_equals_the_step_with_xla_convolutions():
+  """Eight devices, each convolving its own slice: the same losses (1e-5) and parameters
+  as XLA's convolutions give, after two steps."""
+  model = models.create_model('resnet20', num_classes=10, width=4)
+  depths = ((3, 3, 3), (1, 1, 1))
+  mesh = parallel.create_mesh()
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+           'label': rng.integers(0, 10, 16).astype(np.int32)}
+
+  def run(use_onednn):
+    state = steps.create_train_state(jax.random.key(0), model, depths,
+                                     optax.sgd(0.1, momentum=0.9), (8, 8, 3))
+    state = parallel.replicate(state, mesh)
+    data = parallel.shard_batch(batch, mesh)
+    if use_onednn:
+      train, _ = steps.jit_steps(depths, 'ekd', mesh=mesh)
+      assert onednn.HANDLERS['kernel_grad'] in train.lower(state, data).as_text()
+    else:
+      with onednn.disabled():
+        train, _ = steps.jit_steps(depths, 'ekd', mesh=mesh)
+        assert onednn.HANDLERS['forward'] not in train.lower(state, data).as_text()
+    history = []
+    for _ in range(2):
+      with contextlib.nullcontext() if use_onednn else onednn.disabled():
+        state, metrics = train(state, data)
+      history.append(float(metrics['loss']))
+    return history, jax.device_get(state.params)
+
+  (got, got_params), (want, want_params) = run(True), run(False)
+  assert len(got) == len(want) == 2 and got[0] != got[1]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  chex.assert_trees_all_close(got_params, want_params, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_build_says_why(monkeypatch, tmp_path):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  monkeypatch.setenv('CXX', '/bin/false')
+  onednn.library_path.cache_clear()
+  try:
+    with pytest.raises(onednn.Unavailable, match='compiling onednn_conv.cc failed'):
+      onednn.library_path()
+  finally:
+    onednn.library_path.cache_clear()
+  assert not any(p.suffix == '.so' for p in tmp_path.rglob('*'))  # Nothing half-written.
