@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddnn_jax import onednn
+
 Depth = tuple[int, ...]
 DepthSpec = Union[str, Sequence[int]]
 ModuleDef = Callable[..., nn.Module]
@@ -297,7 +299,8 @@ def _conv(features: int, kernel: int, strides: int = 1, *, name: str, dtype: Any
   pad = kernel // 2
   kwargs = dict(kernel_size=(kernel, kernel), strides=(strides, strides),
                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype, name=name,
-                kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
+                kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+                conv_general_dilated=onednn.conv_general_dilated)
   if depthwise:
     kwargs['feature_group_count'] = features
   if active is None or active == features:
@@ -327,7 +330,7 @@ class SlimConv(nn.Conv):
                           (*self.kernel_size, 1 if depthwise else c_in, self.active))
     kernel = kernel[..., :self.active] if depthwise else kernel[:, :, :c_in, :self.active]
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return jax.lax.conv_general_dilated(
+    return onednn.conv_general_dilated(
         x, kernel, self.strides, self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=c_in if depthwise else 1)
 
