@@ -16,6 +16,8 @@ ddnn_jax's step:
   tcmalloc   LD_PRELOAD=libtcmalloc_minimal.so.4
   notrunk    each depth its own forward pass (no shared trunk), as before issue 9
   bf16       bfloat16 compute, float32 parameters (model.dtype)
+  onednn     oneDNN's convolutions (ddnn_jax/onednn.py; part of 'default' where built)
+  xlaconv    XLA's own convolutions (DDNN_JAX_ONEDNN=0)
   xla=FLAGS  other XLA flags
 Prints per variant the median img/s, its ratio to each PyTorch reference measured, and
 the fraction of GEMM peak (the variant's FLOPs per step / its step time / the matmul's
@@ -91,6 +93,10 @@ def measure(variant, args, out):
         env['LD_PRELOAD'] = TCMALLOC
       elif part == 'bf16':
         dtype = 'bfloat16'
+      elif part == 'onednn':
+        env['DDNN_JAX_ONEDNN'] = '1'
+      elif part == 'xlaconv':
+        env['DDNN_JAX_ONEDNN'] = '0'
       elif part == 'notrunk':
         pass  # Read off the same run's 'ekd, no shared trunk' row.
       elif part.startswith('xla='):

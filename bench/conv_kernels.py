@@ -1,6 +1,7 @@
 """Where the convolution time goes: a ResNet stage's 3x3 convolution, forward, input
 gradient and weight gradient, as XLA compiles it, as the rewrites one could make instead
-(im2col patches + one dot; nine shifted dots), and as PyTorch's oneDNN runs it.
+(im2col patches + one dot; nine shifted dots), as ddnn_jax's oneDNN custom calls run it
+(ddnn_jax/onednn.py, where built), and as PyTorch's oneDNN runs it.
 
   python bench/conv_kernels.py [--batch 32 --shapes 32x16,16x32,8x64 --rounds 3]
       [--torch_python /tmp/torchref/bin/python]
@@ -28,6 +29,8 @@ cpu_defaults.apply()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from ddnn_jax import onednn  # noqa: E402
 
 NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -63,6 +66,12 @@ def weight_grad_taps(x, w, g):
   return jnp.stack([jnp.einsum('bhwc,bhwo->co', tap, g) for tap in _shifted(x)]).reshape(w.shape)
 
 
+def onednn_conv(x, w):
+  with jax.sharding.use_abstract_mesh(ONE_DEVICE):  # One device convolves it all.
+    return onednn.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NUMBERS)
+
+
+ONE_DEVICE = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1]).abstract_mesh
 KERNELS = {
     'forward': lambda x, w, g: conv(x, w),
     'forward, im2col + dot': forward_im2col,
@@ -71,11 +80,19 @@ KERNELS = {
     'weight grad, im2col + dot': weight_grad_im2col,
     'weight grad, 9 shifted dots': weight_grad_taps,
 }
+ONEDNN_KERNELS = {
+    'oneDNN forward': lambda x, w, g: onednn_conv(x, w),
+    'oneDNN input grad': lambda x, w, g: jax.vjp(lambda x: onednn_conv(x, w), x)[1](g)[0],
+    'oneDNN weight grad': lambda x, w, g: jax.vjp(lambda w: onednn_conv(x, w), w)[1](g)[0],
+}
+if onednn.active():  # ddnn_jax's convolutions (ddnn_jax/onednn.py), where built.
+  KERNELS.update(ONEDNN_KERNELS)
 HLO_MARKS = {'convolution': r' convolution\(', 'dot': r' dot\(',
              'onednn_fusion': r'%onednn_fusion[.\d]* = ', 'ynn_fusion': r'%ynn_fusion[.\d]* = ',
              'xnn_fusion': r'%xnn_fusion[.\d]* = '}
 REFERENCE = {'forward, im2col + dot': 'forward', 'weight grad, im2col + dot': 'weight grad',
-             'weight grad, 9 shifted dots': 'weight grad'}
+             'weight grad, 9 shifted dots': 'weight grad', 'oneDNN forward': 'forward',
+             'oneDNN input grad': 'input grad', 'oneDNN weight grad': 'weight grad'}
 
 TORCH = r"""
 import json, sys, time, torch
@@ -145,12 +162,17 @@ def main():
       if name in REFERENCE:
         want = outputs[REFERENCE[name]]
         error = f'{float(jnp.max(jnp.abs(outputs[name] - want)) / jnp.max(jnp.abs(want))):.1e}'
-      print(f'| {shape} | XLA {name} | {seconds * 1e3:.2f} | {flop / seconds / 1e9:.0f} | '
+      label = name if name in ONEDNN_KERNELS else f'XLA {name}'
+      print(f'| {shape} | {label} | {seconds * 1e3:.2f} | {flop / seconds / 1e9:.0f} | '
             f'{error} |', flush=True)
     totals[shape] = sum(statistics.median(times[k]) for k in
                         ('forward', 'input grad', 'weight grad')) * 1e3
     print(f'| {shape} | XLA forward + both grads | {totals[shape]:.2f} | '
           f'{3 * flop / totals[shape] / 1e6:.0f} | - |', flush=True)
+    if 'oneDNN forward' in KERNELS:
+      ms = sum(statistics.median(times[k]) for k in ONEDNN_KERNELS) * 1e3
+      print(f'| {shape} | oneDNN forward + both grads (XLA / oneDNN time '
+            f'{totals[shape] / ms:.2f}) | {ms:.2f} | {3 * flop / ms / 1e6:.0f} | - |', flush=True)
   if args.torch_python:
     out = subprocess.run([args.torch_python, '-c', TORCH, str(args.batch), args.shapes,
                           str(args.rounds)], check=True, capture_output=True, text=True)

@@ -70,7 +70,21 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from ddnn_jax import flops, models, parallel, steps  # noqa: E402
+from ddnn_jax import flops, models, onednn, parallel, steps  # noqa: E402
+
+
+def _in_mesh(mesh, fn, *args):
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return fn(*args)
+
+
+def xla_flops(make_jitted, mesh, *args) -> float:
+  """FLOPs per step from XLA's cost analysis of the program with XLA's own convolutions
+  (oneDNN's custom calls count none), traced afresh by ``make_jitted()``."""
+  with onednn.disabled():
+    compiled = make_jitted().lower(*args).compile()
+  # XLA analyses the partitioned program: one device's share of FLOPs.
+  return compiled.cost_analysis()['flops'] * mesh.size
 
 
 def compile_step(model, depths, mode, batch, image_shape, shared_trunk, mesh):
@@ -87,8 +101,9 @@ def compile_step(model, depths, mode, batch, image_shape, shared_trunk, mesh):
   start = time.perf_counter()
   compiled = train.lower(state, data).compile()
   compile_s = time.perf_counter() - start
-  # XLA analyses the partitioned program: one device's share of FLOPs and memory.
-  flops = compiled.cost_analysis()['flops'] * mesh.size
+  flops = xla_flops(lambda: steps.jit_steps(depths, mode, steps.LossWeights(alpha=100.0),
+                                            mesh=mesh, shared_trunk=shared_trunk)[0],
+                    mesh, state, data)
   memory = compiled.memory_analysis()
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
@@ -107,7 +122,9 @@ def compile_infer(model, depth, batch, image_shape, mesh):
   stats = parallel.replicate(state.batch_stats[models.depth_name(depth)], mesh)
   images = parallel.shard_batch({'image': np.random.default_rng(0).normal(
       size=(batch, *image_shape)).astype(np.float32)}, mesh)['image']
-  forward = jax.jit(lambda p, s, x: steps.depth_logits(model.apply, p, s, x, depth))
+  # The mesh while tracing: oneDNN's convolutions then run per device (as in jit_steps).
+  forward = jax.jit(lambda p, s, x: _in_mesh(
+      mesh, lambda *b: steps.depth_logits(model.apply, *b, depth), p, s, x))
   start = time.perf_counter()
   compiled = forward.lower(params, stats, images).compile()
   compile_s = time.perf_counter() - start
@@ -121,8 +138,9 @@ def compile_infer(model, depth, batch, image_shape, mesh):
     return state, compiled(params, stats, images)
 
   return {'step': step, 'state': None, 'data': None, 'compile_s': compile_s,
-          'flops': compiled.cost_analysis()['flops'] * mesh.size, 'peak_bytes': peak,
-          'times': []}
+          'flops': xla_flops(lambda: jax.jit(lambda p, s, x: steps.depth_logits(
+              model.apply, p, s, x, depth)), mesh, params, stats, images),
+          'peak_bytes': peak, 'times': []}
 
 
 def main():
