@@ -30,7 +30,7 @@ cpu_defaults.apply()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ddnn_jax import onednn  # noqa: E402
+from ddnn_jax import onednn, parallel  # noqa: E402
 
 NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -71,7 +71,7 @@ def onednn_conv(x, w):
     return onednn.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NUMBERS)
 
 
-ONE_DEVICE = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1]).abstract_mesh
+ONE_DEVICE = parallel.create_mesh(jax.devices()[:1]).abstract_mesh
 KERNELS = {
     'forward': lambda x, w, g: conv(x, w),
     'forward, im2col + dot': forward_im2col,

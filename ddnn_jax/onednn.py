@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'onednn_conv.cc')
 HANDLERS = {'forward': 'DdnnConvForward', 'input_grad': 'DdnnConvInputGrad',
@@ -248,8 +248,11 @@ def _placeable(x) -> bool:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return jax.device_count() == 1
+  # An Explicit axis (jax.make_mesh's default) types the batch's sharding: shard_map would
+  # need it resharded first. ddnn_jax's meshes are Auto (parallel.create_mesh).
   return (set(mesh.axis_names) == {DATA_AXIS} and isinstance(x.shape[0], int)
-          and x.shape[0] % mesh.shape[DATA_AXIS] == 0)
+          and x.shape[0] % mesh.shape[DATA_AXIS] == 0
+          and all(t == AxisType.Auto for t in mesh.axis_types))
 
 
 def supported(x, kernel, window_strides: Sequence[int], padding, lhs_dilation=None,

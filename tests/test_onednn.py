@@ -93,6 +93,11 @@ def test_disabled_and_unplaceable_calls_stay_with_xla():
   with jax.sharding.use_abstract_mesh(mesh8):
     assert custom_calls(conv, x, w) == 1
     assert custom_calls(conv, x[:6], w) == 0  # 6 images do not split over 8 devices.
+  explicit = jax.make_mesh((8,), (parallel.DATA_AXIS,),
+                           axis_types=(jax.sharding.AxisType.Explicit,)).abstract_mesh
+  with jax.sharding.use_abstract_mesh(explicit):
+    assert custom_calls(conv, x, w) == 0  # A typed sharding: shard_map would need a reshard.
+  with jax.sharding.use_abstract_mesh(mesh8):
     with onednn.disabled():
       assert custom_calls(lambda x, w: conv(x, w), x, w) == 0
 
