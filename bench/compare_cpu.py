@@ -16,7 +16,7 @@ ddnn_jax's step:
   tcmalloc   LD_PRELOAD=libtcmalloc_minimal.so.4
   notrunk    each depth its own forward pass (no shared trunk), as before issue 9
   bf16       bfloat16 compute, float32 parameters (model.dtype)
-  onednn     oneDNN's convolutions (ddnn_jax/onednn.py; part of 'default' where built)
+  onednn     oneDNN's convolutions (ddnn_jax/onednn.py, DDNN_JAX_ONEDNN=1; opt-in)
   xlaconv    XLA's own convolutions (DDNN_JAX_ONEDNN=0)
   xla=FLAGS  other XLA flags
 Prints per variant the median img/s, its ratio to each PyTorch reference measured, and

@@ -73,11 +73,6 @@ import optax  # noqa: E402
 from ddnn_jax import flops, models, onednn, parallel, steps  # noqa: E402
 
 
-def _in_mesh(mesh, fn, *args):
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    return fn(*args)
-
-
 def xla_flops(make_jitted, mesh, *args) -> float:
   """FLOPs per step from XLA's cost analysis of the program with XLA's own convolutions
   (oneDNN's custom calls count none), traced afresh by ``make_jitted()``."""
@@ -123,8 +118,8 @@ def compile_infer(model, depth, batch, image_shape, mesh):
   images = parallel.shard_batch({'image': np.random.default_rng(0).normal(
       size=(batch, *image_shape)).astype(np.float32)}, mesh)['image']
   # The mesh while tracing: oneDNN's convolutions then run per device (as in jit_steps).
-  forward = jax.jit(lambda p, s, x: _in_mesh(
-      mesh, lambda *b: steps.depth_logits(model.apply, *b, depth), p, s, x))
+  forward = jax.jit(parallel.traced_in_mesh(
+      lambda p, s, x: steps.depth_logits(model.apply, p, s, x, depth), mesh))
   start = time.perf_counter()
   compiled = forward.lower(params, stats, images).compile()
   compile_s = time.perf_counter() - start

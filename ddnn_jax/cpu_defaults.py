@@ -29,11 +29,17 @@ def enabled() -> bool:
   return os.environ.get('DDNN_JAX_CPU_DEFAULTS', '1') != '0'
 
 
+def available_cores() -> int:
+  """The cores this process may run on (its affinity mask, else the machine's count)."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def training_devices(batch_size: int | None = None, processes: int = 1) -> int:
   """CPU devices per process for training: two per core, or one per core, or one, the
   first that divides the global ``batch_size`` over all ``processes``."""
-  cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-           else os.cpu_count() or 1)
+  cores = available_cores()
   for devices in (DEVICES_PER_CORE * cores, cores):
     if not isinstance(batch_size, int) or batch_size % (devices * processes) == 0:
       return devices

@@ -12,8 +12,8 @@ system C++ compiler, and registers the three handlers with XLA.
 strides and symmetric padding go to oneDNN, everything else to XLA. Under a mesh
 (``jax.sharding.use_abstract_mesh``, as ``steps.jit_steps`` traces) the call is a
 ``shard_map`` over the batch axis, so each device convolves its own slice, as XLA's
-partitioner does for its own convolutions; on several devices without a mesh XLA
-convolves. Results differ from XLA's only by float32 rounding (tests/test_onednn.py).
+partitioner does for its own convolutions; on several devices without a mesh, or in a
+multi-process run, XLA convolves. Opt-in: ``DDNN_JAX_ONEDNN=1``. Results differ from XLA's only by float32 rounding (tests/test_onednn.py).
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
+from ddnn_jax import cpu_defaults, parallel
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'onednn_conv.cc')
 HANDLERS = {'forward': 'DdnnConvForward', 'input_grad': 'DdnnConvInputGrad',
             'kernel_grad': 'DdnnConvKernelGrad'}
-DATA_AXIS = 'data'  # parallel.DATA_AXIS (parallel imports models, which imports this).
 # The oneDNN wheel's headers describe its SYCL/TBB build; the CPU library on PyPI
 # (onednn-cpu-gomp) is the GNU OpenMP one, so the build sees this configuration instead.
 _CONFIG_EDITS = {'#define DNNL_CPU_THREADING_RUNTIME DNNL_RUNTIME_TBB':
@@ -140,15 +141,12 @@ _disabled = False  # Set by ``disabled()``.
 
 
 def enabled() -> bool:
-  """Whether convolutions should go to oneDNN where they can. ``DDNN_JAX_ONEDNN=1`` or
-  ``=0`` says so; unset, they do unless ``DDNN_JAX_CPU_DEFAULTS=0`` (every CPU speed
-  setting of ddnn_jax off)."""
+  """Whether convolutions should go to oneDNN where they can: opt-in, ``DDNN_JAX_ONEDNN=1``
+  (and not ``DDNN_JAX_CPU_DEFAULTS=0``, every CPU speed setting off). Not the default yet:
+  a 2-process run does not match its 1-process twin to 1e-6 with it (see ``active``)."""
   if _disabled:
     return False
-  setting = os.environ.get('DDNN_JAX_ONEDNN')
-  if setting is not None:
-    return setting != '0'
-  return os.environ.get('DDNN_JAX_CPU_DEFAULTS', '1') != '0'
+  return os.environ.get('DDNN_JAX_ONEDNN') == '1' and cpu_defaults.enabled()
 
 
 @contextlib.contextmanager
@@ -178,6 +176,10 @@ def active() -> bool:
   on CPU, and built and loaded (a failed build is logged once; XLA then convolves)."""
   if not enabled() or jax.default_backend() != 'cpu' or not hasattr(jax, 'shard_map'):
     return False
+  if jax.process_count() > 1:
+    # Unexplained: 2 processes x 2 devices ended 4 steps 1e-5 away from 1 process x 4
+    # devices, both with oneDNN (tests/test_main.py's twin runs; XLA's agree to 1e-6).
+    return False
   reason = unavailable_reason()
   if reason is not None:
     _log_unavailable_once(reason)
@@ -196,8 +198,7 @@ def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
 def _threads() -> int:
   """OpenMP threads per call: this process's cores over its CPU devices (each device
   runs its calls on its own thread; more threads than that were slower: bench/README)."""
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return max(1, (cores or 1) // jax.local_device_count())
+  return max(1, cpu_defaults.available_cores() // jax.local_device_count())
 
 
 def _call(handler: str, shape: tuple[int, ...], a, b, stride: int, pad: int):
@@ -236,8 +237,8 @@ def _sharded(x, kernel, stride: int, pad: int):
   if mesh.empty:
     return _conv(x, kernel, stride, pad)
   return jax.shard_map(functools.partial(_conv, stride=stride, pad=pad), mesh=mesh,
-                       in_specs=(P(DATA_AXIS), P()), out_specs=P(DATA_AXIS),
-                       axis_names={DATA_AXIS}, check_vma=False)(x, kernel)
+                       in_specs=(P(parallel.DATA_AXIS), P()), out_specs=P(parallel.DATA_AXIS),
+                       axis_names={parallel.DATA_AXIS}, check_vma=False)(x, kernel)
 
 
 def _placeable(x) -> bool:
@@ -250,8 +251,8 @@ def _placeable(x) -> bool:
     return jax.device_count() == 1
   # An Explicit axis (jax.make_mesh's default) types the batch's sharding: shard_map would
   # need it resharded first. ddnn_jax's meshes are Auto (parallel.create_mesh).
-  return (set(mesh.axis_names) == {DATA_AXIS} and isinstance(x.shape[0], int)
-          and x.shape[0] % mesh.shape[DATA_AXIS] == 0
+  return (set(mesh.axis_names) == {parallel.DATA_AXIS} and isinstance(x.shape[0], int)
+          and x.shape[0] % mesh.shape[parallel.DATA_AXIS] == 0
           and all(t == AxisType.Auto for t in mesh.axis_types))
 
 

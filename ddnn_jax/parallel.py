@@ -21,6 +21,7 @@ Typical use::
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -113,6 +114,19 @@ def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
                        devices=devices)
+
+
+def traced_in_mesh(fn, mesh: Mesh | None):
+  """``fn`` traced with ``mesh`` as the abstract mesh (no mesh: ``fn`` itself). Code that
+  must place work per device while tracing reads it: ddnn_jax/onednn.py's convolutions."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:

@@ -191,25 +191,16 @@ def jit_steps(depths: tuple[models.Depth, ...], mode: str, weights: LossWeights 
   """
   losses.check_mode(mode, len(depths) - 1)
 
-  def in_mesh(fn):
-    # The mesh, seen while tracing, lets each device run oneDNN's convolutions
-    # (ddnn_jax/onednn.py) on its own slice of the batch.
-    if mesh is None:
-      return fn
-    @functools.wraps(fn)
-    def wrapped(*args):
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return fn(*args)
-    return wrapped
-
-  @in_mesh
   def train(state, batch):
     return train_step(state, batch, depths=depths, mode=mode, weights=weights,
                       shared_trunk=shared_trunk)
 
-  @in_mesh
   def evaluate(state, batch):
     return eval_step(state, batch, depths=depths)
+
+  # The mesh, seen while tracing, lets each device run oneDNN's convolutions
+  # (ddnn_jax/onednn.py) on its own slice of the batch.
+  train, evaluate = parallel.traced_in_mesh(train, mesh), parallel.traced_in_mesh(evaluate, mesh)
 
   if max_traces is not None:
     train = trace_guard(train, max_traces, f'train step for depths {depths}')

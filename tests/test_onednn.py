@@ -18,8 +18,10 @@ NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
 @pytest.fixture(autouse=True)
-def built():
-  """Skips where oneDNN is not installed, unless CI says it must be (DDNN_JAX_EXPECT_ONEDNN=1)."""
+def built(monkeypatch):
+  """oneDNN on (it is opt-in); skips where it is not installed, unless CI says it must be
+  (DDNN_JAX_EXPECT_ONEDNN=1)."""
+  monkeypatch.setenv('DDNN_JAX_ONEDNN', '1')
   reason = onednn.unavailable_reason()
   if reason is not None:
     if os.environ.get('DDNN_JAX_EXPECT_ONEDNN') == '1':
