@@ -13,7 +13,8 @@ strides and symmetric padding go to oneDNN, everything else to XLA. Under a mesh
 (``jax.sharding.use_abstract_mesh``, as ``steps.jit_steps`` traces) the call is a
 ``shard_map`` over the batch axis, so each device convolves its own slice, as XLA's
 partitioner does for its own convolutions; on several devices without a mesh, or in a
-multi-process run, XLA convolves. Opt-in: ``DDNN_JAX_ONEDNN=1``. Results differ from XLA's only by float32 rounding (tests/test_onednn.py).
+multi-process run, XLA convolves. Opt-in: ``DDNN_JAX_ONEDNN=1``. Results differ from
+XLA's only by float32 rounding (tests/test_onednn.py).
 """
 
 from __future__ import annotations
