@@ -12,9 +12,10 @@ system C++ compiler, and registers the three handlers with XLA.
 strides and symmetric padding go to oneDNN, everything else to XLA. Under a mesh
 (``jax.sharding.use_abstract_mesh``, as ``steps.jit_steps`` traces) the call is a
 ``shard_map`` over the batch axis, so each device convolves its own slice, as XLA's
-partitioner does for its own convolutions; on several devices without a mesh, or in a
-multi-process run, XLA convolves. Opt-in: ``DDNN_JAX_ONEDNN=1``. Results differ from
-XLA's only by float32 rounding (tests/test_onednn.py).
+partitioner does for its own convolutions; on several devices without a mesh XLA
+convolves. On by default where the ``onednn`` extra is installed (XLA convolves, silently,
+where it is not); ``DDNN_JAX_ONEDNN=0`` turns it off, ``=1`` warns when it cannot run.
+Results differ from XLA's only by float32 rounding (tests/test_onednn.py).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ _CONFIG_EDITS = {'#define DNNL_CPU_THREADING_RUNTIME DNNL_RUNTIME_TBB':
 
 class Unavailable(RuntimeError):
   """oneDNN convolutions cannot be built or loaded here (the message says why)."""
+
+
+class NotInstalled(Unavailable):
+  """The ``onednn`` extra (library and headers) is not installed."""
 
 
 def _prefixes() -> list[str]:
@@ -105,14 +110,19 @@ def _build(output: str, library: str, header: str, compiler: str) -> None:
     os.replace(target, output)
 
 
+def _installed() -> tuple[str | None, str | None]:
+  """The oneDNN library and its main header, where the ``onednn`` extra put them."""
+  return (_find(os.path.join('lib', 'libdnnl.so.3')),
+          _find(os.path.join('include', 'oneapi', 'dnnl', 'dnnl.hpp')))
+
+
 @functools.cache
 def library_path() -> str:
   """The compiled handler library, built on first use; raises ``Unavailable``."""
-  library = _find(os.path.join('lib', 'libdnnl.so.3'))
-  header = _find(os.path.join('include', 'oneapi', 'dnnl', 'dnnl.hpp'))
+  library, header = _installed()
   if library is None or header is None:
-    raise Unavailable("the oneDNN library or headers are not installed "
-                      "(pip install 'ddnn_jax[onednn]')")
+    raise NotInstalled("the oneDNN library or headers are not installed "
+                       "(pip install 'ddnn_jax[onednn]')")
   compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
   if compiler is None:
     raise Unavailable('no C++ compiler (g++) to build the oneDNN convolutions')
@@ -142,12 +152,11 @@ _disabled = False  # Set by ``disabled()``.
 
 
 def enabled() -> bool:
-  """Whether convolutions should go to oneDNN where they can: opt-in, ``DDNN_JAX_ONEDNN=1``
-  (and not ``DDNN_JAX_CPU_DEFAULTS=0``, every CPU speed setting off). Not the default yet:
-  a 2-process run does not match its 1-process twin to 1e-6 with it (see ``active``)."""
+  """Whether convolutions should go to oneDNN where they can: unless ``DDNN_JAX_ONEDNN=0``
+  or ``DDNN_JAX_CPU_DEFAULTS=0`` (every CPU speed setting off)."""
   if _disabled:
     return False
-  return os.environ.get('DDNN_JAX_ONEDNN') == '1' and cpu_defaults.enabled()
+  return os.environ.get('DDNN_JAX_ONEDNN') != '0' and cpu_defaults.enabled()
 
 
 @contextlib.contextmanager
@@ -177,10 +186,6 @@ def active() -> bool:
   on CPU, and built and loaded (a failed build is logged once; XLA then convolves)."""
   if not enabled() or jax.default_backend() != 'cpu' or not hasattr(jax, 'shard_map'):
     return False
-  if jax.process_count() > 1:
-    # Unexplained: 2 processes x 2 devices ended 4 steps 1e-5 away from 1 process x 4
-    # devices, both with oneDNN (tests/test_main.py's twin runs; XLA's agree to 1e-6).
-    return False
   reason = unavailable_reason()
   if reason is not None:
     _log_unavailable_once(reason)
@@ -189,7 +194,11 @@ def active() -> bool:
 
 @functools.cache
 def _log_unavailable_once(reason: str) -> None:
-  logging.warning('oneDNN convolutions unavailable, XLA convolves: %s', reason)
+  # Without the extra that is the plain default; asked for, or installed but failing, it
+  # is worth a warning.
+  quiet = None in _installed() and os.environ.get('DDNN_JAX_ONEDNN') != '1'
+  (logging.info if quiet else logging.warning)(
+      'oneDNN convolutions unavailable, XLA convolves: %s', reason)
 
 
 def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:

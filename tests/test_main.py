@@ -232,17 +232,16 @@ def test_two_processes_run_the_job_like_one(tmp_path, fashion_mnist_dir):
   for a, b in zip(single_rows, multi_rows, strict=True):
     assert a['depth'] == b['depth'] and a['params'] == b['params']
     assert abs(float(a['top1_error']) - float(b['top1_error'])) <= 100 / 256 + 1e-6
-  # The checkpoint both processes wrote together holds the single-process state.
+  # The checkpoint both processes wrote together holds the single-process state, up to
+  # the order of float32 sums, which EKD amplifies: its gradients of the blocks every depth
+  # shares are sums of nearly cancelling terms (bench/README.md). Measured after these 4
+  # steps (relative to the whole tree's norm; params / batch_stats / momentum): this twin
+  # 1.2e-5 / 3.5e-6 / 4e-3; 1 process on 2 devices instead of 4, 1e-4 / 6e-5 / 2.4e-2; a
+  # process reading the other's data shard, 1.2e-2 / 3.4e-2 / 0.49.
   multi, single = restore_state(workdir, 4), restore_state(tmp_path / 'single', 4)
   assert multi['step'] == single['step'] == 4
-  for part in ('params', 'batch_stats'):
-    chex.assert_trees_all_close(multi[part], single[part], rtol=1e-4, atol=1e-6)
-  # The momentum is a sum of raw gradients. The EKD gradients of the blocks every depth
-  # shares are sums of nearly cancelling terms: in float32 they differ from float64 by
-  # about 5e-4 (relative, bench/README.md), so two all-reduce orders differ by that much.
-  # A process on the wrong data shard moves them by O(1).
-  multi_trace, single_trace = jax.tree.leaves(multi['opt_state']), jax.tree.leaves(
-      single['opt_state'])
-  assert len(multi_trace) == len(single_trace) > 0
-  for a, b in zip(multi_trace, single_trace, strict=True):
-    assert np.linalg.norm(a - b) <= 2e-3 * np.linalg.norm(b) + 1e-7
+  for part, tolerance in (('params', 1e-3), ('batch_stats', 1e-3), ('opt_state', 0.1)):
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(s[part])])
+            for s in (multi, single))
+    assert a.shape == b.shape and b.size > 0, part
+    assert np.linalg.norm(a - b) <= tolerance * np.linalg.norm(b), part

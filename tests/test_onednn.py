@@ -3,6 +3,7 @@ convolution, only where they apply, per device under a mesh, and a readable reas
 they cannot be built."""
 
 import contextlib
+import logging
 import os
 
 import chex
@@ -19,7 +20,7 @@ NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 @pytest.fixture(autouse=True)
 def built(monkeypatch):
-  """oneDNN on (it is opt-in); skips where it is not installed, unless CI says it must be
+  """oneDNN asked for; skips where it is not installed, unless CI says it must be
   (DDNN_JAX_EXPECT_ONEDNN=1)."""
   monkeypatch.setenv('DDNN_JAX_ONEDNN', '1')
   reason = onednn.unavailable_reason()
@@ -162,3 +163,30 @@ def test_a_failed_build_says_why(monkeypatch, tmp_path):
   finally:
     onednn.library_path.cache_clear()
   assert not any(p.suffix == '.so' for p in tmp_path.rglob('*'))  # Nothing half-written.
+
+
+def test_on_unless_turned_off(monkeypatch):
+  monkeypatch.delenv('DDNN_JAX_ONEDNN')
+  monkeypatch.delenv('DDNN_JAX_CPU_DEFAULTS', raising=False)
+  assert onednn.enabled() and onednn.active()
+  for variable in ('DDNN_JAX_ONEDNN', 'DDNN_JAX_CPU_DEFAULTS'):
+    with monkeypatch.context() as m:
+      m.setenv(variable, '0')
+      assert not onednn.enabled() and not onednn.active()
+    assert onednn.enabled()
+
+
+@pytest.mark.parametrize('installed,asked,level', [
+    (False, None, logging.INFO), (False, '1', logging.WARNING), (True, None, logging.WARNING)])
+def test_unavailable_is_quiet_only_without_the_extra(monkeypatch, caplog, installed, asked,
+                                                    level):
+  """No extra, not asked for: XLA convolves, as before the extra existed (an info line).
+  Asked for, or installed and failing: a warning."""
+  if asked is None:
+    monkeypatch.delenv('DDNN_JAX_ONEDNN')
+  if not installed:
+    monkeypatch.setattr(onednn, '_installed', lambda: (None, None))
+  caplog.set_level(logging.INFO)
+  onednn._log_unavailable_once.__wrapped__('some reason')  # pylint: disable=protected-access
+  records = [r for r in caplog.records if 'some reason' in r.getMessage()]
+  assert [r.levelno for r in records] == [level]
