@@ -10,13 +10,13 @@ them. A variant is 'torch' or 'torch-eager' (the reference, ../shared/bench/torc
 in its own venv), 'torch-compile' (the same under torch.compile) or '+'-joined parts for
 ddnn_jax's step:
   baseline   no CPU defaults of ddnn_jax (DDNN_JAX_CPU_DEFAULTS=0)
-  default    ddnn_jax's CPU defaults, as shipped
+  default    ddnn_jax's CPU defaults, as shipped (oneDNN's convolutions where installed)
   ynn        --xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce
   devN       the batch sharded over N CPU devices
   tcmalloc   LD_PRELOAD=libtcmalloc_minimal.so.4
   notrunk    each depth its own forward pass (no shared trunk), as before issue 9
   bf16       bfloat16 compute, float32 parameters (model.dtype)
-  onednn     oneDNN's convolutions (ddnn_jax/onednn.py, DDNN_JAX_ONEDNN=1; opt-in)
+  onednn     oneDNN's convolutions, and a warning if they cannot run (DDNN_JAX_ONEDNN=1)
   xlaconv    XLA's own convolutions (DDNN_JAX_ONEDNN=0)
   xla=FLAGS  other XLA flags
 Prints per variant the median img/s, its ratio to each PyTorch reference measured, and
