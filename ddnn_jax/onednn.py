@@ -58,10 +58,6 @@ class Unavailable(RuntimeError):
   """oneDNN convolutions cannot be built or loaded here (the message says why)."""
 
 
-class NotInstalled(Unavailable):
-  """The ``onednn`` extra (library and headers) is not installed."""
-
-
 def _prefixes() -> list[str]:
   """Where pip puts a wheel's data files (lib/, include/): the environment's prefix."""
   out = []
@@ -121,8 +117,8 @@ def library_path() -> str:
   """The compiled handler library, built on first use; raises ``Unavailable``."""
   library, header = _installed()
   if library is None or header is None:
-    raise NotInstalled("the oneDNN library or headers are not installed "
-                       "(pip install 'ddnn_jax[onednn]')")
+    raise Unavailable("the oneDNN library or headers are not installed "
+                      "(pip install 'ddnn_jax[onednn]')")
   compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
   if compiler is None:
     raise Unavailable('no C++ compiler (g++) to build the oneDNN convolutions')
