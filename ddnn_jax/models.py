@@ -378,6 +378,40 @@ class SlimBatchNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
+def _folded(module: nn.Module, x, conv: nn.Module, norm: nn.Module, residual=None):
+  """``norm(conv(x))``'s kernel and bias with BatchNorm folded in, where one oneDNN inference
+  call can run it: BN on its running averages, full-width layers, oneDNN here. Else None."""
+  if (type(conv) is not nn.Conv or type(norm) is not nn.BatchNorm
+      or not norm.use_running_average or module.is_initializing()):
+    return None
+  params, stats = module.variables.get('params', {}), module.variables.get('batch_stats', {})
+  if conv.name not in params or norm.name not in params or norm.name not in stats:
+    return None
+  kernel = params[conv.name]['kernel']
+  if not onednn.fusable(x, kernel, conv.strides, conv.padding, residual):
+    return None
+  inv = params[norm.name]['scale'] * jax.lax.rsqrt(stats[norm.name]['var'] + norm.epsilon)
+  return kernel * inv, params[norm.name]['bias'] - stats[norm.name]['mean'] * inv
+
+
+def _conv_norm(module: nn.Module, x, conv: nn.Module, norm: nn.Module, *, relu: bool,
+               residual=None, between=None, fold: bool = True):
+  """``relu(between(norm(conv(x))) + residual)`` (ReLU, ``between`` and ``residual``
+  optional). In inference with oneDNN (``fold`` and ``between`` the identity there) it is
+  one call: BN folded into the kernel and a bias, the residual add and ReLU applied as the
+  convolution writes its output, so no elementwise pass over the output follows."""
+  folded = _folded(module, x, conv, norm, residual) if fold else None
+  if folded is not None:
+    return onednn.conv_bias_act(x, *folded, conv.strides, conv.padding, relu=relu,
+                                residual=residual)
+  y = norm(conv(x))
+  if between is not None:
+    y = between(y)
+  if residual is not None:
+    y = residual + y
+  return nn.relu(y) if relu else y
+
+
 # Largest standard deviation of the ranking noise (sigma = NOISE_MAX * sigmoid(logit)).
 NOISE_MAX = 1.0
 
@@ -394,6 +428,18 @@ class _ResidualBlock(nn.Module):
   noise_ranking: bool = False
   channel_group: int = 8
 
+  def noisy(self, features: int, active: int) -> bool:
+    """Whether ``ranked`` changes its input (else BN may fold into the conv before it)."""
+    return self.noise_ranking and active == features and self.has_rng('noise')
+
+  def conv_norm(self, x, conv, norm, *, relu: bool, residual=None, rank=None):
+    """``_conv_norm``, with the ranking noise of inner space ``rank`` = (number, features,
+    active) between the BatchNorm and the ReLU."""
+    if rank is None:
+      return _conv_norm(self, x, conv, norm, relu=relu, residual=residual)
+    return _conv_norm(self, x, conv, norm, relu=relu, residual=residual,
+                      between=lambda y: self.ranked(y, *rank), fold=not self.noisy(*rank[1:]))
+
   def ranked(self, y, number: int, features: int, active: int):
     """``y`` (the block's inner space ``number``) times 1 + sigma * N(0, 1) per channel,
     sigma learned per channel group: at full width, in training (a 'noise' rng given).
@@ -402,7 +448,7 @@ class _ResidualBlock(nn.Module):
       return y
     logit = self.param(f'noise_logit{number}', nn.initializers.zeros,
                        (features // self.channel_group,), jnp.float32)
-    if active != features or not self.has_rng('noise'):
+    if not self.noisy(features, active):
       return y
     sigma = NOISE_MAX * jnp.repeat(jax.nn.sigmoid(logit), self.channel_group)
     eps = jax.random.normal(self.make_rng('noise'), y.shape, jnp.float32)
@@ -418,18 +464,21 @@ class BasicBlock(_ResidualBlock):
   @nn.compact
   def __call__(self, x):
     f, a = self.filters, self.active or self.filters
-    y = _conv(f, 3, self.strides, name='conv1', dtype=self.dtype, active=a)(x)
-    y = nn.relu(self.ranked(self.norm(name='bn1', features=f, active=a)(y), 1, f, a))
-    y = _conv(f, 3, name='conv2', dtype=self.dtype, active=a)(y)
-    y = self.norm(name='bn2', features=f, active=a)(y)
-    if x.shape != y.shape and self.zero_pad_shortcut:
+    y = self.conv_norm(x, _conv(f, 3, self.strides, name='conv1', dtype=self.dtype, active=a),
+                       self.norm(name='bn1', features=f, active=a), relu=True, rank=(1, f, a))
+    if self.strides == 1 and x.shape[-1] == y.shape[-1]:
+      shortcut = x
+    elif self.zero_pad_shortcut:
       x = x[:, ::self.strides, ::self.strides, :]
       extra = a - x.shape[-1]
-      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    elif x.shape != y.shape:
-      x = _conv(f, 1, self.strides, name='proj_conv', dtype=self.dtype, active=a)(x)
-      x = self.norm(name='proj_bn', features=f, active=a)(x)
-    return nn.relu(x + y)
+      shortcut = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    else:
+      shortcut = self.conv_norm(
+          x, _conv(f, 1, self.strides, name='proj_conv', dtype=self.dtype, active=a),
+          self.norm(name='proj_bn', features=f, active=a), relu=False)
+    return self.conv_norm(y, _conv(f, 3, name='conv2', dtype=self.dtype, active=a),
+                          self.norm(name='bn2', features=f, active=a), relu=True,
+                          residual=shortcut)
 
 
 class Bottleneck(_ResidualBlock):
@@ -438,16 +487,18 @@ class Bottleneck(_ResidualBlock):
   @nn.compact
   def __call__(self, x):
     f, a = self.filters, self.active or self.filters
-    y = _conv(f, 1, name='conv1', dtype=self.dtype, active=a)(x)
-    y = nn.relu(self.ranked(self.norm(name='bn1', features=f, active=a)(y), 1, f, a))
-    y = _conv(f, 3, self.strides, name='conv2', dtype=self.dtype, active=a)(y)
-    y = nn.relu(self.ranked(self.norm(name='bn2', features=f, active=a)(y), 2, f, a))
-    y = _conv(f * 4, 1, name='conv3', dtype=self.dtype, active=4 * a)(y)
-    y = self.norm(name='bn3', features=4 * f, active=4 * a)(y)
-    if x.shape != y.shape:
-      x = _conv(f * 4, 1, self.strides, name='proj_conv', dtype=self.dtype, active=4 * a)(x)
-      x = self.norm(name='proj_bn', features=4 * f, active=4 * a)(x)
-    return nn.relu(x + y)
+    y = self.conv_norm(x, _conv(f, 1, name='conv1', dtype=self.dtype, active=a),
+                       self.norm(name='bn1', features=f, active=a), relu=True, rank=(1, f, a))
+    y = self.conv_norm(y, _conv(f, 3, self.strides, name='conv2', dtype=self.dtype, active=a),
+                       self.norm(name='bn2', features=f, active=a), relu=True, rank=(2, f, a))
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != 4 * a:
+      shortcut = self.conv_norm(
+          x, _conv(f * 4, 1, self.strides, name='proj_conv', dtype=self.dtype, active=4 * a),
+          self.norm(name='proj_bn', features=4 * f, active=4 * a), relu=False)
+    return self.conv_norm(y, _conv(f * 4, 1, name='conv3', dtype=self.dtype, active=4 * a),
+                          self.norm(name='bn3', features=4 * f, active=4 * a), relu=True,
+                          residual=shortcut)
 
 
 class VGGBlock(nn.Module):
@@ -460,8 +511,8 @@ class VGGBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     f, a = self.filters, self.active or self.filters
-    x = _conv(f, 3, name='conv', dtype=self.dtype, active=a)(x)
-    return nn.relu(self.norm(name='bn', features=f, active=a)(x))
+    return _conv_norm(self, x, _conv(f, 3, name='conv', dtype=self.dtype, active=a),
+                      self.norm(name='bn', features=f, active=a), relu=True)
 
 
 class SeparableBlock(nn.Module):

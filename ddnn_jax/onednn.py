@@ -5,7 +5,7 @@ oneDNN's brgemm kernels run the forward pass and both gradients at 170-230
 (``bench/conv_kernels.py``). This module compiles ``csrc/onednn_conv.cc`` against the
 oneDNN wheel (``pip install 'ddnn_jax[onednn]'``: ``onednn-cpu-gomp`` for the library,
 ``onednn-devel`` for its headers) and jax's FFI headers, once per environment, with the
-system C++ compiler, and registers the three handlers with XLA.
+system C++ compiler, and registers its handlers with XLA.
 
 ``conv_general_dilated`` is a drop-in for ``jax.lax.conv_general_dilated`` (flax's
 ``nn.Conv(conv_general_dilated=...)``): float32 NHWC/HWIO convolutions with equal
@@ -13,7 +13,9 @@ strides and symmetric padding go to oneDNN, everything else to XLA. Under a mesh
 (``jax.sharding.use_abstract_mesh``, as ``steps.jit_steps`` traces) the call is a
 ``shard_map`` over the batch axis, so each device convolves its own slice, as XLA's
 partitioner does for its own convolutions; on several devices without a mesh XLA
-convolves. On by default where the ``onednn`` extra is installed (XLA convolves, silently,
+convolves. ``conv_bias_act`` is the inference call: a convolution with a bias, an optional
+residual add and ReLU applied by oneDNN as it writes the output (the models fold each
+BatchNorm into kernel and bias in inference, so a block needs no elementwise pass). On by default where the ``onednn`` extra is installed (XLA convolves, silently,
 where it is not); ``DDNN_JAX_ONEDNN=0`` turns it off, ``=1`` warns when it cannot run.
 Results differ from XLA's only by float32 rounding (tests/test_onednn.py).
 """
@@ -42,7 +44,7 @@ from ddnn_jax import cpu_defaults, parallel
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'onednn_conv.cc')
 HANDLERS = {'forward': 'DdnnConvForward', 'input_grad': 'DdnnConvInputGrad',
-            'kernel_grad': 'DdnnConvKernelGrad'}
+            'kernel_grad': 'DdnnConvKernelGrad', 'inference': 'DdnnConvInference'}
 # The oneDNN wheel's headers describe its SYCL/TBB build; the CPU library on PyPI
 # (onednn-cpu-gomp) is the GNU OpenMP one, so the build sees this configuration instead.
 _CONFIG_EDITS = {'#define DNNL_CPU_THREADING_RUNTIME DNNL_RUNTIME_TBB':
@@ -245,6 +247,78 @@ def _sharded(x, kernel, stride: int, pad: int):
   return jax.shard_map(functools.partial(_conv, stride=stride, pad=pad), mesh=mesh,
                        in_specs=(P(parallel.DATA_AXIS), P()), out_specs=P(parallel.DATA_AXIS),
                        axis_names={parallel.DATA_AXIS}, check_vma=False)(x, kernel)
+
+
+def _inference_call(x, kernel, bias, residual, stride: int, pad: int, relu: bool):
+  n, h, w, _ = x.shape
+  kh, kw, _, o = kernel.shape
+  shape = (n, _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad), o)
+  return jax.ffi.ffi_call(HANDLERS['inference'], jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method='sequential')(
+                              x, kernel, bias, residual, stride=np.int64(stride),
+                              pad=np.int64(pad), threads=np.int64(_threads()),
+                              relu=np.int64(relu))
+
+
+def _unfused(x, kernel, bias, residual, stride: int, pad: int, relu: bool):
+  """What the inference call computes, from the training convolution (its gradient)."""
+  y = _conv(x, kernel, stride, pad) + bias
+  if residual.size:
+    y = y + residual
+  return jnp.maximum(y, 0.0) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(x, kernel, bias, residual, stride: int, pad: int, relu: bool):
+  return _inference_call(x, kernel, bias, residual, stride, pad, relu)
+
+
+def _fused_fwd(x, kernel, bias, residual, stride, pad, relu):
+  return _fused(x, kernel, bias, residual, stride, pad, relu), (x, kernel, bias, residual)
+
+
+def _fused_bwd(stride, pad, relu, residuals, dy):
+  # Inference is rarely differentiated; when it is, through the unfused ops.
+  _, vjp = jax.vjp(lambda *a: _unfused(*a, stride, pad, relu), *residuals)
+  return vjp(dy)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fusable(x, kernel, strides: Sequence[int], padding, residual=None) -> bool:
+  """Whether ``conv_bias_act`` runs these as one oneDNN call (else the caller runs
+  its own ops): as ``conv_general_dilated`` would hand the convolution to oneDNN, and a
+  float32 residual of the output's shape."""
+  if not (_placeable(x) and active() and supported(
+      x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))):
+    return False
+  if residual is None:
+    return True
+  n, h, w, _ = x.shape
+  kh, kw, _, o = kernel.shape
+  s, pad = int(strides[0]), int(padding[0][0])
+  return (residual.dtype == jnp.float32
+          and residual.shape == (n, _out_size(h, kh, s, pad), _out_size(w, kw, s, pad), o))
+
+
+def conv_bias_act(x, kernel, bias, strides: Sequence[int], padding, *, relu: bool,
+                  residual=None):
+  """``relu(conv(x, kernel) + bias + residual)`` (ReLU and residual optional) as one
+  oneDNN inference call: bias, residual add and ReLU are post-ops applied as the output is
+  written. A BatchNorm in inference folds into ``kernel`` and ``bias``. Only where
+  ``fusable``; differentiable (through the unfused ops)."""
+  stride, pad = int(strides[0]), int(padding[0][0])
+  extra = jnp.zeros((0,), jnp.float32) if residual is None else residual
+  run = lambda x, k, b, r: _fused(x, k, b, r, stride, pad, bool(relu))  # noqa: E731
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return run(x, kernel, bias, extra)
+  batch = P(parallel.DATA_AXIS)
+  return jax.shard_map(run, mesh=mesh,
+                       in_specs=(batch, P(), P(), P() if residual is None else batch),
+                       out_specs=batch, axis_names={parallel.DATA_AXIS},
+                       check_vma=False)(x, kernel, bias, extra)
 
 
 def _placeable(x) -> bool:

@@ -153,6 +153,130 @@ def test_sharded_ekd_step_equals_the_step_with_xla_convolutions():
   chex.assert_trees_all_close(got_params, want_params, rtol=1e-4, atol=1e-5)
 
 
+def inference_calls(fn, *args) -> int:
+  return jax.jit(fn).lower(*args).as_text().count(onednn.HANDLERS['inference'])
+
+
+@pytest.mark.parametrize('kernel,stride,relu,add', [(3, 1, True, True), (3, 2, True, False),
+                                                    (1, 2, False, False), (3, 1, False, True)])
+def test_fused_inference_call_equals_its_ops(kernel, stride, relu, add):
+  """relu(conv + bias + residual) in one call: the values of the ops it replaces, and their
+  gradient (it is taken through them)."""
+  pad, size = kernel // 2, 9
+  out = (size + 2 * pad - kernel) // stride + 1
+  keys = jax.random.split(jax.random.key(kernel + 7 * stride + 3 * add), 4)
+  x = jax.random.normal(keys[0], (4, size, size, 6))
+  w = jax.random.normal(keys[1], (kernel, kernel, 6, 10))
+  b = jax.random.normal(keys[2], (10,))
+  r = jax.random.normal(keys[3], (4, out, out, 10)) if add else None
+  args = ((stride, stride), ((pad, pad), (pad, pad)))
+
+  def want(x, w, b, r):
+    y = jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=NUMBERS) + b
+    y = y if r is None else y + r
+    return jax.nn.relu(y) if relu else y
+
+  def got(x, w, b, r):
+    return onednn.conv_bias_act(x, w, b, *args, relu=relu, residual=r)
+
+  def loss(fn):
+    return lambda *a: jnp.sum(jnp.sin(fn(*a)))
+
+  with jax.sharding.use_abstract_mesh(one_device_mesh()):
+    assert onednn.fusable(x, w, *args, r)
+    assert inference_calls(got, x, w, b, r) == 1
+    y = jax.jit(got)(x, w, b, r)
+    grads = jax.jit(jax.grad(loss(got), (0, 1, 2)))(x, w, b, r)
+  chex.assert_shape(y, (4, out, out, 10))
+  if relu:
+    assert float(jnp.mean(y == 0)) > 0.2  # The ReLU clipped something.
+  np.testing.assert_allclose(y, want(x, w, b, r), rtol=1e-5, atol=1e-5)
+  want_grads = jax.grad(loss(want), (0, 1, 2))(x, w, b, r)
+  assert len(grads) == len(want_grads) == 3
+  for g, e in zip(grads, want_grads):
+    chex.assert_equal_shape((g, e))
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_fusable_only_where_the_call_applies():
+  x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5))
+  args = ((1, 1), ((1, 1), (1, 1)))
+  with jax.sharding.use_abstract_mesh(one_device_mesh()):
+    assert onednn.fusable(x, w, *args) and onednn.fusable(x, w, *args, jnp.ones((2, 8, 8, 5)))
+    assert not onednn.fusable(x, w, *args, jnp.ones((2, 8, 8, 4)))  # Not the output's shape.
+    assert not onednn.fusable(x, w, *args, jnp.ones((2, 8, 8, 5), jnp.bfloat16))
+    assert not onednn.fusable(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), *args)
+    with onednn.disabled():
+      assert not onednn.fusable(x, w, *args)
+
+
+def randomised(variables, seed=0):
+  """The variables with BN scale, bias and running statistics away from their initial
+  1 / 0 (else folding BN in would change nothing)."""
+  rng = np.random.default_rng(seed)
+  def leaf(path, a):
+    name = jax.tree_util.keystr(path)
+    if "'var'" in name:
+      return jnp.asarray(rng.uniform(0.5, 2.0, a.shape), a.dtype)
+    if any(k in name for k in ("'mean'", "'scale'", "'bias'")):
+      return jnp.asarray(rng.normal(0.0, 0.5, a.shape), a.dtype)
+    return a
+  return jax.tree_util.tree_map_with_path(leaf, variables)
+
+
+@pytest.mark.parametrize('arch,depth,fused', [
+    ('resnet20', (3, 3, 3), 18), ('resnet20', (1, 2, 1), 8), ('resnet18', (2, 2, 2, 2), 19),
+    ('resnet50', (1, 1, 1, 1), 16), ('vgg11', (1, 1, 2, 2, 2), 8)])
+def test_inference_folds_batchnorm_into_one_call_per_conv(arch, depth, fused):
+  """Every conv + BN (+ residual) (+ ReLU) of a block in inference is one oneDNN call; the
+  logits are those of the unfused net with XLA's convolutions (1e-5)."""
+  model = models.create_model(arch, num_classes=10, width=4)
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  variables = randomised(model.init(jax.random.key(0), x, depth, train=False))
+
+  def logits(variables, x):
+    return model.apply(variables, x, depth, train=False)[0]
+
+  with jax.sharding.use_abstract_mesh(one_device_mesh()):
+    assert inference_calls(logits, variables, x) == fused
+    got = jax.jit(logits)(variables, x)
+  with onednn.disabled():
+    assert inference_calls(logits, variables, x) == 0
+    want = jax.jit(logits)(variables, x)
+  chex.assert_shape(got, (4, 10))
+  assert float(jnp.std(want)) > 0.1
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_training_and_noisy_ranking_do_not_fold():
+  model = models.create_model('resnet20', num_classes=10, width=8, noise_ranking=True)
+  x = jnp.ones((2, 8, 8, 3))
+  variables = model.init(jax.random.key(0), x, (3, 3, 3), train=False)
+  with jax.sharding.use_abstract_mesh(one_device_mesh()):
+    train = lambda v, x: model.apply(v, x, (3, 3, 3), train=True, mutable=['batch_stats'])
+    assert inference_calls(train, variables, x) == 0
+    noisy = lambda v, x: model.apply(v, x, (3, 3, 3), train=False,
+                                     rngs={'noise': jax.random.key(1)})
+    assert inference_calls(noisy, variables, x) == 9  # conv2 only: conv1 feeds the noise.
+    quiet = lambda v, x: model.apply(v, x, (3, 3, 3), train=False)
+    assert inference_calls(quiet, variables, x) == 18
+
+
+def test_sharded_inference_folds_per_device():
+  model = models.create_model('resnet20', num_classes=10, width=4)
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
+  variables = randomised(model.init(jax.random.key(0), x, (3, 3, 3), train=False))
+  mesh = parallel.create_mesh()
+  logits = lambda v, x: model.apply(v, x, (3, 3, 3), train=False)[0]
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    assert inference_calls(logits, variables, x) == 18
+    got = jax.jit(logits)(parallel.replicate(variables, mesh),
+                          parallel.shard_batch({'image': x}, mesh)['image'])
+  with onednn.disabled():
+    want = jax.jit(logits)(variables, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
 def test_a_failed_build_says_why(monkeypatch, tmp_path):
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
   monkeypatch.setenv('CXX', '/bin/false')

@@ -1,7 +1,8 @@
 // oneDNN convolutions as XLA FFI handlers for the CPU backend: NHWC input, HWIO kernel,
 // NHWC output, symmetric zero padding, float32. Forward, input gradient and kernel
-// gradient; ddnn_jax/onednn.py builds this file, registers the handlers and wraps them
-// in a custom_vjp. XLA CPU's own (YNNPACK) convolutions run at a third of oneDNN's
+// gradient, and an inference forward with bias, residual add and ReLU fused in;
+// ddnn_jax/onednn.py builds this file, registers the handlers and wraps them in a
+// custom_vjp. XLA CPU's own (YNNPACK) convolutions run at a third of oneDNN's
 // rate on the small channel counts of CIFAR ResNets (bench/conv_kernels.py).
 #include <cstdint>
 #include <functional>
@@ -61,12 +62,14 @@ struct Primitive {
 };
 
 // Creating a primitive JIT-compiles its kernel (milliseconds): one per shape, kept.
+// ``variant`` tells apart primitives of one class and shape (the inference post-ops).
 template <class P, class MakeDesc>
-std::shared_ptr<Primitive<P>> Cached(const Shape& shape, MakeDesc make_desc) {
+std::shared_ptr<Primitive<P>> Cached(const Shape& shape, MakeDesc make_desc,
+                                     const std::string& variant = "") {
   static std::mutex mutex;
   static std::unordered_map<std::string, std::shared_ptr<Primitive<P>>> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  auto& entry = cache[shape.Key()];
+  auto& entry = cache[variant + shape.Key()];
   if (!entry) entry = std::make_shared<Primitive<P>>(make_desc());
   return entry;
 }
@@ -157,7 +160,60 @@ ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   });
 }
 
+// Inference: y = [relu](conv(x, kernel) + bias [+ residual]), the bias, residual add and
+// ReLU applied by oneDNN as the output is written (post-ops), so no pass over y follows.
+// A batch-normalised layer in inference is this with BN folded into kernel and bias.
+// ``residual`` has y's shape, or no elements for none.
+ffi::Error InferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                         ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad,
+                         int64_t threads, int64_t relu) {
+  return Run([&] {
+    Shape shape = MakeShape(x.dimensions(), kernel.dimensions(), y->dimensions(), stride, pad, threads);
+    const bool add = residual.element_count() > 0;
+    auto p = Cached<dnnl::convolution_forward>(shape, [&] {
+      dnnl::post_ops ops;
+      if (add) ops.append_binary(dnnl::algorithm::binary_add, shape.Dst());
+      if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+      dnnl::primitive_attr attr = Shape::Attr();
+      attr.set_post_ops(ops);
+      memory::desc bias_desc({shape.o}, memory::data_type::f32, Tag::a);
+      return dnnl::convolution_forward::primitive_desc(
+          Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+          shape.Src(), shape.AnyKernel(), bias_desc, shape.Dst(), {stride, stride},
+          {pad, pad}, {pad, pad}, attr);
+    }, std::string("inference:") + (add ? "add," : "") + (relu ? "relu," : ""));
+    dnnl::stream s(Engine());
+    memory scratch(p->desc.scratchpad_desc(), Engine());
+    memory src(p->desc.src_desc(), Engine(), x.typed_data());
+    memory dst(p->desc.dst_desc(), Engine(), y->typed_data());
+    memory b(p->desc.bias_desc(), Engine(), bias.typed_data());
+    memory k = KernelIn(shape, p->desc.weights_desc(), kernel.typed_data(), s);
+    std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, k},
+                                            {DNNL_ARG_BIAS, b}, {DNNL_ARG_DST, dst},
+                                            {DNNL_ARG_SCRATCHPAD, scratch}};
+    if (add) {
+      args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
+          memory(shape.Dst(), Engine(), residual.typed_data());
+    }
+    p->primitive.execute(s, args);
+    s.wait();
+  });
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdnnConvInference, InferenceImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("relu"));
 
 #define DDNN_CONV_HANDLER(name, impl)                                         \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                   \
