@@ -238,15 +238,23 @@ def _conv_bwd(stride, pad, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _sharded(x, kernel, stride: int, pad: int):
-  """``_conv``, each device on its slice of the batch when a mesh is set (the kernel
-  gradient is then summed over the axis, by shard_map's transpose)."""
+def _per_device(fn, args, batched: Sequence[bool]):
+  """``fn(*args)``; when a mesh is set, each device runs it on its slice of the batch of
+  the ``batched`` arguments (and of the output), the others whole. Gradients of the
+  unbatched ones (a kernel) are then summed over the axis, by shard_map's transpose."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return _conv(x, kernel, stride, pad)
-  return jax.shard_map(functools.partial(_conv, stride=stride, pad=pad), mesh=mesh,
-                       in_specs=(P(parallel.DATA_AXIS), P()), out_specs=P(parallel.DATA_AXIS),
-                       axis_names={parallel.DATA_AXIS}, check_vma=False)(x, kernel)
+    return fn(*args)
+  batch = P(parallel.DATA_AXIS)
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(batch if b else P() for b in batched),
+                       out_specs=batch, axis_names={parallel.DATA_AXIS},
+                       check_vma=False)(*args)
+
+
+def _sharded(x, kernel, stride: int, pad: int):
+  """``_conv``, per device under a mesh."""
+  return _per_device(functools.partial(_conv, stride=stride, pad=pad), (x, kernel),
+                     (True, False))
 
 
 def _inference_call(x, kernel, bias, residual, stride: int, pad: int, relu: bool):
@@ -310,15 +318,8 @@ def conv_bias_act(x, kernel, bias, strides: Sequence[int], padding, *, relu: boo
   ``fusable``; differentiable (through the unfused ops)."""
   stride, pad = int(strides[0]), int(padding[0][0])
   extra = jnp.zeros((0,), jnp.float32) if residual is None else residual
-  run = lambda x, k, b, r: _fused(x, k, b, r, stride, pad, bool(relu))  # noqa: E731
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return run(x, kernel, bias, extra)
-  batch = P(parallel.DATA_AXIS)
-  return jax.shard_map(run, mesh=mesh,
-                       in_specs=(batch, P(), P(), P() if residual is None else batch),
-                       out_specs=batch, axis_names={parallel.DATA_AXIS},
-                       check_vma=False)(x, kernel, bias, extra)
+  return _per_device(lambda x, k, b, r: _fused(x, k, b, r, stride, pad, bool(relu)),
+                     (x, kernel, bias, extra), (True, False, False, residual is not None))
 
 
 def _placeable(x) -> bool:
