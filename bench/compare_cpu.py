@@ -19,6 +19,7 @@ ddnn_jax's step:
   onednn     oneDNN's convolutions, and a warning if they cannot run (DDNN_JAX_ONEDNN=1)
   xlaconv    XLA's own convolutions (DDNN_JAX_ONEDNN=0)
   xla=FLAGS  other XLA flags
+  env=N=V    the environment variable N set to V (e.g. env=OMP_WAIT_POLICY=passive)
 Prints per variant the median img/s, its ratio to each PyTorch reference measured, and
 the fraction of GEMM peak (the variant's FLOPs per step / its step time / the matmul's
 FLOP/s; ddnn_jax's FLOPs from XLA's cost analysis, PyTorch's from its FlopCounter);
@@ -101,6 +102,9 @@ def measure(variant, args, out):
         pass  # Read off the same run's 'ekd, no shared trunk' row.
       elif part.startswith('xla='):
         flags.append(part[4:])
+      elif part.startswith('env='):  # env=NAME=VALUE: one environment variable.
+        name, _, value = part[4:].partition('=')
+        env[name] = value
       elif part != 'default':
         raise ValueError(f'unknown variant part {part!r}')
     modes = {'ekd': 'ekd', 'plain': 'individual', 'infer': 'infer'}[args.mode]

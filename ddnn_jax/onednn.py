@@ -15,8 +15,9 @@ strides and symmetric padding go to oneDNN, everything else to XLA. Under a mesh
 partitioner does for its own convolutions; on several devices without a mesh XLA
 convolves. ``conv_bias_act`` is the inference call: a convolution with a bias, an optional
 residual add and ReLU applied by oneDNN as it writes the output (the models fold each
-BatchNorm into kernel and bias in inference, so a block needs no elementwise pass). On by default where the ``onednn`` extra is installed (XLA convolves, silently,
-where it is not); ``DDNN_JAX_ONEDNN=0`` turns it off, ``=1`` warns when it cannot run.
+BatchNorm into kernel and bias in inference, so a block needs no elementwise pass).
+On by default where the ``onednn`` extra is installed (XLA convolves, silently, where it
+is not); ``DDNN_JAX_ONEDNN=0`` turns it off, ``=1`` warns when it cannot run.
 Results differ from XLA's only by float32 rounding (tests/test_onednn.py).
 """
 
@@ -199,8 +200,11 @@ def _log_unavailable_once(reason: str) -> None:
       'oneDNN convolutions unavailable, XLA convolves: %s', reason)
 
 
-def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
-  return (size + 2 * pad - kernel) // stride + 1
+def _out_shape(x_shape, kernel_shape, stride: int, pad: int) -> tuple[int, int, int, int]:
+  """NHWC output shape of an NHWC x HWIO convolution with symmetric padding."""
+  n, h, w, _ = x_shape
+  kh, kw, _, o = kernel_shape
+  return (n, (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1, o)
 
 
 def _threads() -> int:
@@ -218,9 +222,7 @@ def _call(handler: str, shape: tuple[int, ...], a, b, stride: int, pad: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, kernel, stride: int, pad: int):
-  n, h, w, _ = x.shape
-  kh, kw, _, o = kernel.shape
-  shape = (n, _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad), o)
+  shape = _out_shape(x.shape, kernel.shape, stride, pad)
   return _call('forward', shape, x, kernel, stride, pad)
 
 
@@ -258,9 +260,7 @@ def _sharded(x, kernel, stride: int, pad: int):
 
 
 def _inference_call(x, kernel, bias, residual, stride: int, pad: int, relu: bool):
-  n, h, w, _ = x.shape
-  kh, kw, _, o = kernel.shape
-  shape = (n, _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad), o)
+  shape = _out_shape(x.shape, kernel.shape, stride, pad)
   return jax.ffi.ffi_call(HANDLERS['inference'], jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method='sequential')(
                               x, kernel, bias, residual, stride=np.int64(stride),
@@ -303,11 +303,8 @@ def fusable(x, kernel, strides: Sequence[int], padding, residual=None) -> bool:
     return False
   if residual is None:
     return True
-  n, h, w, _ = x.shape
-  kh, kw, _, o = kernel.shape
-  s, pad = int(strides[0]), int(padding[0][0])
-  return (residual.dtype == jnp.float32
-          and residual.shape == (n, _out_size(h, kh, s, pad), _out_size(w, kw, s, pad), o))
+  out = _out_shape(x.shape, kernel.shape, int(strides[0]), int(padding[0][0]))
+  return residual.dtype == jnp.float32 and residual.shape == out
 
 
 def conv_bias_act(x, kernel, bias, strides: Sequence[int], padding, *, relu: bool,
