@@ -3,8 +3,9 @@
 Measured in ``bench/README.md`` (ResNet-56 EKD step, 2 cores): XLA's YNNPACK fusion of
 elementwise and reduce ops (otherwise XLA recomputes each block's BatchNorm/ReLU/residual
 chain from the first block of its stage inside the transposes of every weight gradient,
-quadratic in depth), the batch split over two CPU devices per core (XLA keeps about 1.25
-of 2 cores busy with one device; two per core were faster again than one), and tcmalloc
+quadratic in depth), the batch split over CPU devices (XLA keeps about 1.25 of 2 cores
+busy with one device): one per core where oneDNN convolves (ddnn_jax/onednn.py), two per
+core where XLA does (each was the faster there), and tcmalloc
 (glibc maps and faults in the step's temporary buffer afresh at every step). Results
 change only by float32 rounding (bench/README.md has the numbers).
 
@@ -22,7 +23,9 @@ YNN_FUSION = '--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce'
 TCMALLOC_PATHS = ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
                   '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
                   '/usr/lib64/libtcmalloc_minimal.so.4')
-DEVICES_PER_CORE = 2  # Measured on 2 cores: 1, 2, 4 and 8 devices; 4 was fastest.
+# Measured on 2 cores (ResNet-20 EKD, bench/README.md): with XLA's convolutions 4 devices
+# beat 1, 2 and 8; with oneDNN's, 2 beat 4 (553 vs 510 img/s).
+DEVICES_PER_CORE = {'xla': 2, 'onednn': 1}
 
 
 def enabled() -> bool:
@@ -36,11 +39,21 @@ def available_cores() -> int:
   return os.cpu_count() or 1
 
 
-def training_devices(batch_size: int | None = None, processes: int = 1) -> int:
-  """CPU devices per process for training: two per core, or one per core, or one, the
-  first that divides the global ``batch_size`` over all ``processes``."""
+def devices_per_core() -> int:
+  """Training devices per core: by who convolves, oneDNN (installed, with a compiler, and
+  not switched off) or XLA."""
+  from ddnn_jax import onednn  # pylint: disable=g-import-not-at-top  (imports jax)
+  return DEVICES_PER_CORE['onednn' if onednn.expected() else 'xla']
+
+
+def training_devices(batch_size: int | None = None, processes: int = 1,
+                     per_core: int | None = None) -> int:
+  """CPU devices per process for training: ``per_core`` (``devices_per_core()``) per core,
+  or one per core, or one, the first that divides the global ``batch_size`` over all
+  ``processes``."""
   cores = available_cores()
-  for devices in (DEVICES_PER_CORE * cores, cores):
+  per_core = devices_per_core() if per_core is None else per_core
+  for devices in (per_core * cores, cores):
     if not isinstance(batch_size, int) or batch_size % (devices * processes) == 0:
       return devices
   return 1

@@ -115,6 +115,10 @@ def _installed() -> tuple[str | None, str | None]:
           _find(os.path.join('include', 'oneapi', 'dnnl', 'dnnl.hpp')))
 
 
+def _compiler() -> str | None:
+  return os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+
+
 @functools.cache
 def library_path() -> str:
   """The compiled handler library, built on first use; raises ``Unavailable``."""
@@ -122,7 +126,7 @@ def library_path() -> str:
   if library is None or header is None:
     raise Unavailable("the oneDNN library or headers are not installed "
                       "(pip install 'ddnn_jax[onednn]')")
-  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  compiler = _compiler()
   if compiler is None:
     raise Unavailable('no C++ compiler (g++) to build the oneDNN convolutions')
   key = hashlib.sha256()  # A new source, oneDNN, jax or compiler builds anew.
@@ -156,6 +160,12 @@ def enabled() -> bool:
   if _disabled:
     return False
   return os.environ.get('DDNN_JAX_ONEDNN') != '0' and cpu_defaults.enabled()
+
+
+def expected() -> bool:
+  """Whether the convolutions should run here, judged without building or loading them
+  (so before jax starts its backends): enabled, installed, and a C++ compiler found."""
+  return enabled() and None not in _installed() and _compiler() is not None
 
 
 @contextlib.contextmanager

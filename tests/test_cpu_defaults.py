@@ -38,10 +38,10 @@ def probe(mode='train', batch_size=128, **env):
 CORES = len(os.sched_getaffinity(0))
 
 
-def test_training_gets_ynn_fusion_two_devices_per_core_and_tcmalloc():
+def test_training_gets_ynn_fusion_its_devices_per_core_and_tcmalloc():
   seen = probe('train')
   assert cpu_defaults.YNN_FUSION in seen['xla_flags'].split()
-  assert seen['devices'] == cpu_defaults.DEVICES_PER_CORE * CORES
+  assert seen['devices'] == cpu_defaults.devices_per_core() * CORES
   installed = any(os.path.exists(p) for p in cpu_defaults.TCMALLOC_PATHS)
   assert seen['tcmalloc'] == installed
 
@@ -50,7 +50,20 @@ def test_training_gets_ynn_fusion_two_devices_per_core_and_tcmalloc():
     (128, 1, 2 * CORES), (2 * CORES + CORES, 1, CORES), (2 * CORES + 1, 1, 1),
     (4 * CORES, 2, 2 * CORES), (2 * CORES, 2, CORES)])
 def test_training_devices_divide_the_global_batch(batch_size, processes, devices):
-  assert cpu_defaults.training_devices(batch_size, processes) == devices
+  assert cpu_defaults.training_devices(batch_size, processes, per_core=2) == devices
+
+
+@pytest.mark.parametrize('onednn_setting,per_core', [('0', 2), (None, 1)])
+def test_devices_per_core_follow_who_convolves(monkeypatch, onednn_setting, per_core):
+  from ddnn_jax import onednn  # pylint: disable=g-import-not-at-top
+  if onednn_setting is None:
+    monkeypatch.delenv('DDNN_JAX_ONEDNN', raising=False)
+    if not onednn.expected():
+      pytest.skip('the onednn extra or a C++ compiler is missing here')
+  else:
+    monkeypatch.setenv('DDNN_JAX_ONEDNN', onednn_setting)
+  assert cpu_defaults.devices_per_core() == per_core
+  assert cpu_defaults.training_devices(128) == per_core * CORES
 
 
 def test_other_tools_keep_one_device():
