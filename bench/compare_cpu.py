@@ -18,6 +18,7 @@ ddnn_jax's step:
   bf16       bfloat16 compute, float32 parameters (model.dtype)
   onednn     oneDNN's convolutions, and a warning if they cannot run (DDNN_JAX_ONEDNN=1)
   xlaconv    XLA's own convolutions (DDNN_JAX_ONEDNN=0)
+  autodiffbn flax's BatchNorm and autodiff, not ddnn_jax.batchnorm's (DDNN_JAX_FUSED_BN=0)
   xla=FLAGS  other XLA flags
   env=N=V    the environment variable N set to V (e.g. env=OMP_WAIT_POLICY=passive)
 Prints per variant the median img/s, its ratio to each PyTorch reference measured, and
@@ -98,6 +99,8 @@ def measure(variant, args, out):
         env['DDNN_JAX_ONEDNN'] = '1'
       elif part == 'xlaconv':
         env['DDNN_JAX_ONEDNN'] = '0'
+      elif part == 'autodiffbn':
+        env['DDNN_JAX_FUSED_BN'] = '0'
       elif part == 'notrunk':
         pass  # Read off the same run's 'ekd, no shared trunk' row.
       elif part.startswith('xla='):

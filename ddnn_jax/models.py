@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddnn_jax import onednn
+from ddnn_jax import batchnorm, onednn
 
 Depth = tuple[int, ...]
 DepthSpec = Union[str, Sequence[int]]
@@ -378,6 +378,28 @@ class SlimBatchNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
+class TrainBatchNorm(nn.Module):
+  """flax's BatchNorm in train mode (its variables, statistics and running averages), with
+  the residual add and ReLU that follow it taken in: one custom-gradient function
+  (``batchnorm.batch_norm_act``) whose forward and backward passes each read the
+  activation twice instead of XLA's dozen passes over autodiff's chain."""
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, residual=None, relu: bool = False):
+    c = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    y, mean, var = batchnorm.batch_norm_act(x, scale, bias, residual, self.epsilon, relu)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
+
+
 def _folded(module: nn.Module, x, conv: nn.Module, norm: nn.Module, residual=None):
   """``norm(conv(x))``'s kernel and bias with BatchNorm folded in, where one oneDNN inference
   call can run it: BN on its running averages, full-width layers, oneDNN here. Else None."""
@@ -404,6 +426,8 @@ def _conv_norm(module: nn.Module, x, conv: nn.Module, norm: nn.Module, *, relu: 
   if folded is not None:
     return onednn.conv_bias_act(x, *folded, conv.strides, conv.padding, relu=relu,
                                 residual=residual)
+  if isinstance(norm, TrainBatchNorm) and between is None:
+    return norm(conv(x), residual=residual, relu=relu)
   y = norm(conv(x))
   if between is not None:
     y = between(y)
@@ -674,6 +698,8 @@ class DDNN(nn.Module):
       kwargs = dict(use_running_average=not train, epsilon=1e-5, dtype=self.dtype, name=name,
                     momentum=0.0 if batch_moments else self.bn_momentum)
       if active is None or active == features:
+        if train and jnp.dtype(self.dtype) == jnp.float32 and batchnorm.enabled():
+          return TrainBatchNorm(momentum=kwargs['momentum'], epsilon=1e-5, name=name)
         return nn.BatchNorm(**kwargs)
       return SlimBatchNorm(**kwargs)
 

@@ -200,7 +200,8 @@ def test_the_real_early_exit_routes_every_test_example_as_the_simulation(trained
   got_logits, got_stage = executor.logits(_test_images(run))
   assert len(got_stage) == len(labels) == SMALL_FASHION_MNIST['test']  # The whole test split.
   np.testing.assert_array_equal(got_stage, want_stage)
-  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
+  # Batches of other sizes reorder float32 sums: logits near 10 differ in their 6th digit.
+  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-6, atol=1e-5)
   # 157 batches of varying composition: each stage compiled at most once per bucket.
   assert all(1 <= t <= len(executor.buckets) for t in executor.traces), executor.traces
 
