@@ -35,10 +35,15 @@ def _moments(x):
 
 def _forward(x, scale, bias, residual, epsilon, relu):
   mean, var = _moments(x)
-  y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias  # flax's order of ops.
+  # XLA CPU writes out as a full-size tensor any broadcast that several fusions share (the
+  # bias of a block every branch runs, the ReLU's zero, the factor the backward pass
+  # recomputes), and each fusion then reads it: a barrier gives this call its own copies.
+  m, a, b, zero = jax.lax.optimization_barrier(
+      (mean, jax.lax.rsqrt(var + epsilon) * scale, bias, jnp.zeros_like(mean)))
+  y = (x - m) * a + b  # flax's order of ops.
   if residual is not None:
     y = residual + y
-  return (jax.nn.relu(y) if relu else y), mean, var
+  return (jnp.maximum(y, zero) if relu else y), mean, var
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
