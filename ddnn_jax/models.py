@@ -459,7 +459,7 @@ class _ResidualBlock(nn.Module):
   def conv_norm(self, x, conv, norm, *, relu: bool, residual=None, rank=None):
     """``_conv_norm``, with the ranking noise of inner space ``rank`` = (number, features,
     active) between the BatchNorm and the ReLU."""
-    if rank is None:
+    if rank is None or not self.noise_ranking:  # No noise: BN and ReLU stay one function.
       return _conv_norm(self, x, conv, norm, relu=relu, residual=residual)
     return _conv_norm(self, x, conv, norm, relu=relu, residual=residual,
                       between=lambda y: self.ranked(y, *rank), fold=not self.noisy(*rank[1:]))
