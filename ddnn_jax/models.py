@@ -707,12 +707,12 @@ class DDNN(nn.Module):
     position, captured = 0, None  # Modules run so far (in the order of module_sequence).
     resumed = x  # With resume_at: an earlier stage's output of module number resume_at.
 
-    def run(module, x, served):
+    def run(module, x, served, **kwargs):
       nonlocal position, captured
       position += 1
       if position <= resume_at:  # An earlier cascade stage computed it.
         return resumed if position == resume_at else x
-      y = module(x)
+      y = module(x, **kwargs)
       if position == capture_at:
         captured = y
       if batch_moments and 'batch_stats' in module.variables:
@@ -738,9 +738,13 @@ class DDNN(nn.Module):
         block_cls = SeparableBlock
       else:
         block_cls = BasicBlock if spec.family == 'resnet_basic' else Bottleneck
-      x = run(norm('stem_bn', width, active(width)), x, everyone)
+      stem_norm = norm('stem_bn', width, active(width))
+      # Training's BatchNorm applies the ReLU in its own passes (ddnn_jax.batchnorm).
+      fused_relu = isinstance(stem_norm, TrainBatchNorm) and not mobilenet
+      x = run(stem_norm, x, everyone, **({'relu': True} if fused_relu else {}))
       if resume_at < 2:  # Else the resumed output already passed the stem's ReLU and pool.
-        x = nn.relu6(x) if mobilenet else nn.relu(x)
+        if not fused_relu:
+          x = nn.relu6(x) if mobilenet else nn.relu(x)
         if spec.family in ('resnet_basic', 'resnet_bottleneck'):
           x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
       if capture_at == 2:  # The stem's output, after its ReLU (and pool).
