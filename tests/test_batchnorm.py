@@ -1,5 +1,7 @@
 """ddnn_jax.batchnorm against flax's BatchNorm (+ residual) (+ ReLU) under autodiff."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -156,3 +158,36 @@ def test_enabled_follows_the_switch(monkeypatch):
   assert batchnorm.enabled()
   monkeypatch.delenv('DDNN_JAX_FUSED_BN')
   assert batchnorm.enabled() == (jax.default_backend() == 'cpu')
+
+
+def _activation_sized_broadcasts(hlo_text: str, batch: int, per_image: int) -> list[str]:
+  """The compiled program's broadcasts written out as NHWC tensors of the batch with at
+  least ``per_image`` elements per image (XLA CPU names an unfused broadcast
+  ``wrapped_broadcast``; the loss's small ones, (batch, K, 1, 1), stay below)."""
+  found = re.findall(rf'%(wrapped_broadcast[.\d]*) = f32\[{batch},(\d+),(\d+),(\d+)\]',
+                     hlo_text)
+  return [name for name, h, w, c in found if int(h) * int(w) * int(c) >= per_image]
+
+
+def test_the_compiled_step_writes_no_activation_sized_broadcast():
+  # XLA CPU's YNNPACK fusions write out a broadcast that several of them share (a block's
+  # bias in every branch, the ReLU's zero, the backward's factor) as a full-size tensor and
+  # read it back: ResNet-20's default step had 42 such (bench/README.md, section 8).
+  arch, image, batch_size = 'resnet20', (8, 8, 1), 16
+  model = models.create_model(arch, 5, width=4)
+  depths = models.depth_set(arch, [(2, 2, 2), (1, 1, 1)])
+  state = steps.create_train_state(jax.random.key(0), model, depths,
+                                   optax.sgd(0.1, momentum=0.9), image)
+  batch = {'image': np.zeros((batch_size, *image), np.float32),
+           'label': np.zeros((batch_size,), np.int32)}
+  train, _ = steps.jit_steps(depths, 'ekd', steps.LossWeights(alpha=100.0))
+  # The CLI tools' fusion flag (cpu_defaults.YNN_FUSION) and full optimisation, for this
+  # compile only (conftest.py lowers the optimisation level for the whole session).
+  compiled = train.lower(state, batch).compile(compiler_options={
+      'xla_cpu_experimental_ynn_fusion_type':
+          'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE',
+      'xla_backend_optimization_level': 3})
+  hlo = compiled.as_text()
+  assert 'ynn_fusion' in hlo  # The flag took.
+  # The smallest activation of this net is stage 3's, 2 x 2 x 16 per image.
+  assert _activation_sized_broadcasts(hlo, batch_size, per_image=2 * 2 * 16) == []
