@@ -5,7 +5,8 @@ The library behind ``python -m ddnn_jax.profile`` and every results table.
 FLOPs are counted the way the DDNN/ResNet papers count them: multiply-adds of the
 convolutions and the classifier in one forward pass of one image. They are read off
 the traced model (every ``nn.Conv``/``nn.Dense`` call is intercepted under
-``jax.eval_shape``), so nothing here is a hand-maintained formula.
+``jax.eval_shape``, with XLA's convolutions so that oneDNN's fused inference calls are
+counted too), so nothing here is a hand-maintained formula.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddnn_jax import models
+from ddnn_jax import models, onednn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,9 @@ def _macs_by_module(fn, *args) -> dict[str, int]:
       macs[top] = macs.get(top, 0) + count
     return out
 
-  with nn.intercept_methods(interceptor):
+  # Traced with XLA's convolutions: inference with oneDNN folds BatchNorm into one call
+  # per convolution that no nn.Conv makes, and the arithmetic is the same either way.
+  with onednn.disabled(), nn.intercept_methods(interceptor):
     jax.eval_shape(fn, *args)
   return macs
 
