@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   # A workdir whose latest parameters start this run (its optimizer state, step and BN
   # statistics are not taken): re-selected sub-nets trained on from a finished run.
   config.init_from = config_dict.placeholder(str)
+  # What comparisons call this run's scheme (python -m ddnn_jax.compare); None: the mode.
+  # A variant of a mode, e.g. 'ekd_w3' for mode 'ekd' with loss.w=3.
+  config.label = config_dict.placeholder(str)
 
   config.model = ml_collections.ConfigDict()
   config.model.arch = 'resnet20'  # The full net.
@@ -72,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
   # evaluated at the end (it reports); True: the test split at every evaluation too.
   config.train.test_every_eval = False
   config.train.log_every_steps = 50
+  # > 0: every this many steps (a multiple of log_every_steps) log each weighted loss
+  # term's gradient norm (all parameters, and those every depth shares): one backward
+  # pass per term there, ~6 steps' time for EKD with two sub-nets. 0: off.
+  config.train.term_gradients_every_steps = 0
   config.train.checkpoint_every_steps = 500  # Also saved at every evaluation.
   config.train.keep_checkpoints = 2  # Latest ones kept, plus the best by mean eval accuracy.
   # Sandwich rule: > 0 trains, each step, the full net, the smallest sub-net and this many

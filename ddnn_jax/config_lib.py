@@ -15,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -107,6 +108,24 @@ def _optional_string(value, config) -> str | None:
   del config
   return None if value is None or (isinstance(value, str) and value) else (
       'None or a non-empty string')
+
+
+def _label(value, config) -> str | None:
+  if value is None:
+    return None
+  if not (isinstance(value, str) and re.fullmatch(r'[a-z][a-z0-9_.]*', value)):
+    return 'None or a name of lower-case letters, digits, _ and . (e.g. ekd_w3)'
+  if value in losses.MODES and value != config.mode:
+    return f'a name that is not another mode (this run trains {config.mode!r})'
+  return None
+
+
+def _term_gradients_every_steps(value, config) -> str | None:
+  every = config.train.log_every_steps
+  if _is_int(value) and value >= 0 and (value == 0 or (_is_int(every) and every >= 1
+                                                       and value % every == 0)):
+    return None
+  return f'0 (off) or a multiple of train.log_every_steps ({every})'
 
 
 def _num_subnets(config) -> int:
@@ -258,6 +277,7 @@ RULES: dict[str, Callable[[Any, ml_collections.ConfigDict], str | None]] = {
     'seed': _int_at_least(0),
     'mode': _one_of(losses.MODES),
     'init_from': _optional_string,
+    'label': _label,
     'model.arch': _one_of(tuple(models.ARCHS)),
     'model.subnets': _subnets,
     'model.width': _width,
@@ -286,6 +306,7 @@ RULES: dict[str, Callable[[Any, ml_collections.ConfigDict], str | None]] = {
     'train.eval_every_epochs': _int_at_least(1),
     'train.test_every_eval': _boolean,
     'train.log_every_steps': _int_at_least(1),
+    'train.term_gradients_every_steps': _term_gradients_every_steps,
     'train.checkpoint_every_steps': _int_at_least(1),
     'train.keep_checkpoints': _int_at_least(1),
     'train.sandwich_n': _sandwich_n,

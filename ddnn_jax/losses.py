@@ -175,3 +175,39 @@ def ddnn_objective(mode: str, logits: chex.Array, attention: Sequence[chex.Array
     loss += jnp.mean(alpha_k) * mse_full / norm
   parts.update(kl_full=kl_full, attention_full=jnp.asarray(mse_full, jnp.float32))
   return loss, parts
+
+
+def weighted_terms(mode: str, parts: dict[str, chex.Array], *, w: float | Sequence[float] = 1.0,
+                   alpha: float | Sequence[float] = 1.0) -> dict[str, chex.Array]:
+  """The loss of ``mode`` as its separate terms, each with the weight it has in the loss.
+
+  ``parts`` is ``ddnn_objective``'s; the keys are ``'KIND/d'`` with KIND ``ce``, ``kl`` or
+  ``attention`` and ``d`` the depth the term trains (0: the full net, taught by the
+  ensemble in EKD). Their sum is the loss (the diagnosis of which term drives training:
+  ``steps.term_gradient_norms``).
+  """
+  ce = parts['ce']
+  num_subnets = ce.shape[0] - 1
+  terms = {'ce/0': ce[0]}
+  if mode == 'individual':
+    return terms
+  terms.update({f'ce/{k}': ce[k] / num_subnets for k in range(1, num_subnets + 1)})
+  if mode == 'ddnn':
+    return terms
+  w_k, alpha_k = _per_subnet(w, num_subnets), _per_subnet(alpha, num_subnets)
+  # IPKD's KL terms are averaged over the sub-nets; EKD's are divided by K + 1.
+  norm = num_subnets if mode in ('ipkd', 'ipkd_ta') else num_subnets + 1
+  terms.update({f'kl/{k}': w_k[k - 1] * parts['kl'][k - 1] / norm
+                for k in range(1, num_subnets + 1)})
+  if mode in ('ipkd', 'ipkd_ta'):
+    return terms
+  use_attention = uses_attention(mode, alpha)
+  if use_attention:
+    terms.update({f'attention/{k}': alpha_k[k - 1] * parts['attention'][k - 1] / norm
+                  for k in range(1, num_subnets + 1)})
+  if mode == 'ekd':
+    terms['kl/0'] = jnp.mean(w_k) * parts['kl_full'] / norm
+    if use_attention:
+      terms['attention/0'] = jnp.mean(alpha_k) * parts['attention_full'] / norm
+  return terms
+

@@ -182,6 +182,18 @@ def train_scalars(mean: Mapping[str, Any], names: Sequence[str],
   return scalars
 
 
+def term_scalars(norms: Mapping[str, Any], names: Sequence[str]) -> dict[str, float]:
+  """``steps.term_gradient_norms``' output as logged scalars, depth indices as names:
+  'train/term/kl/2-2-2', 'train/grad_norm/ce/3-3-3', 'train/grad_norm_shared/total'."""
+  scalars = {}
+  for key, value in norms.items():
+    what, *rest = key.split('/')
+    if len(rest) == 2:  # KIND/d
+      rest = [rest[0], names[int(rest[1])]]
+    scalars['/'.join(['train', what, *rest])] = float(value)
+  return scalars
+
+
 def eval_scalars(result: Mapping[str, Any] | None, names: Sequence[str], epoch: int,
                  validation: Mapping[str, Any] | None = None) -> dict[str, float]:
   """Per-depth top-1 accuracy and CE: 'eval/...' on the test split (if evaluated),

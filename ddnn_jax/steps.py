@@ -134,6 +134,65 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   return state, metrics
 
 
+def term_gradient_norms(state: TrainState, batch: dict[str, jax.Array], *,
+                        depths: tuple[models.Depth, ...], mode: str,
+                        weights: LossWeights = LossWeights(), shared: Any = None,
+                        shared_trunk: bool = True) -> dict[str, jax.Array]:
+  """Each weighted loss term (``losses.weighted_terms``) and the L2 norm of its gradient.
+
+  A diagnosis of which term drives training: one forward pass, then one backward pass
+  per term (the train step is not changed; this runs beside it at log steps). Returns
+  ``{'term/KIND/d': value, 'grad_norm/KIND/d': norm over every parameter}`` and, with
+  ``shared`` (a ``models.variable_shapes`` params tree: the parameters every depth uses),
+  ``'grad_norm_shared/KIND/d'``: the norm on those, where all terms pull. ``'.../total'``
+  is the whole loss's.
+  """
+  images, labels = batch['image'], batch['label']
+  need_attention = losses.uses_attention(mode, weights.alpha)
+  names = []
+
+  def terms_fn(params):
+    logits, attention, _ = _train_forward(state, params, images, depths, need_attention,
+                                          shared_trunk, weights.attention_stages)
+    _, parts = losses.ddnn_objective(mode, logits, attention, labels, w=weights.w,
+                                     alpha=weights.alpha, temperature=weights.temperature)
+    terms = losses.weighted_terms(mode, parts, w=weights.w, alpha=weights.alpha)
+    names[:] = terms
+    return jnp.stack(list(terms.values()))
+
+  values, backward = jax.vjp(terms_fn, state.params)
+  out = {}
+  cotangents = [*jnp.eye(len(names), dtype=values.dtype), jnp.ones_like(values)]
+  for name, cotangent in zip([*names, 'total'], cotangents):
+    (grads,) = backward(cotangent)
+    out[f'grad_norm/{name}'] = optax.global_norm(grads)
+    if shared is not None:
+      out[f'grad_norm_shared/{name}'] = optax.global_norm(models.select_used(grads, shared))
+  out.update({f'term/{name}': v for name, v in zip(names, values)})
+  return out
+
+
+def jit_term_gradient_norms(depths: tuple[models.Depth, ...], mode: str,
+                            weights: LossWeights = LossWeights(), mesh: Mesh | None = None,
+                            shared: Any = None):
+  """``term_gradient_norms`` jitted like the train step (batch sharded over ``mesh``)."""
+  def norms(state, batch):
+    return term_gradient_norms(state, batch, depths=depths, mode=mode, weights=weights,
+                               shared=shared)
+
+  return jax.jit(parallel.traced_in_mesh(norms, mesh), **_state_batch_shardings(mesh))
+
+
+def _state_batch_shardings(mesh: Mesh | None) -> dict[str, Any]:
+  """jit's shardings for ``f(state, batch)``: the state replicated, the batch split over
+  the mesh's 'data' axis; none without a mesh."""
+  if mesh is None:
+    return {}
+  replicated = parallel.replicated_sharding(mesh)
+  return dict(in_shardings=(replicated, parallel.batch_sharding(mesh)),
+              out_shardings=replicated)
+
+
 def depth_logits(apply_fn, params, batch_stats, images, depth: models.Depth) -> jax.Array:
   """Inference of one depth with its own BatchNorm statistics: the apply every evaluation
   and deployment path (eval step, ``ddnn_jax.evaluate``, export, ``DynamicModel``) uses."""
@@ -204,9 +263,5 @@ def jit_steps(depths: tuple[models.Depth, ...], mode: str, weights: LossWeights 
 
   if max_traces is not None:
     train = trace_guard(train, max_traces, f'train step for depths {depths}')
-  kwargs = {}
-  if mesh is not None:
-    replicated = parallel.replicated_sharding(mesh)
-    kwargs = dict(in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                  out_shardings=replicated)
+  kwargs = _state_batch_shardings(mesh)
   return (jax.jit(train, donate_argnums=0, **kwargs), jax.jit(evaluate, **kwargs))

@@ -23,8 +23,8 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from ddnn_jax import (checkpoints, config_lib, data, datasets, divergence, errors, flops, optim,
-                      parallel, preemption, ranking, reporting, steps,
+from ddnn_jax import (checkpoints, config_lib, data, datasets, divergence, errors, flops, models,
+                      optim, parallel, preemption, ranking, reporting, steps,
                       workdir as workdir_lib)
 
 
@@ -137,6 +137,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         run.depths, config.mode, steps.LossWeights.from_config(config),
         mesh=mesh, max_traces=1)
     sandwich = Sandwich(config, run, mesh) if config.train.sandwich_n else None
+    term_norms, term_every = None, config.train.term_gradients_every_steps
+    if term_every:  # At log steps only: one backward pass per term.
+      shared = models.variable_shapes(run.model, run.info.image_shape, run.depths[-1])['params']
+      term_norms = steps.jit_term_gradient_norms(
+          run.depths, config.mode, steps.LossWeights.from_config(config), mesh=mesh,
+          shared=shared)
     train_iter = data.create_train_iterator(
         config.data.dataset, run.data_dir, global_batch_size=config.train.batch_size,
         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -173,8 +179,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       val = evaluate(eval_step, state, config, run, mesh, 'validation') if has_validation else None
       return test, val
 
-    def log_pending(step: int) -> None:
-      """Writes the mean of the pending metrics; stops the run if one was not finite."""
+    def log_pending(step: int, extra: dict[str, Any] | None = None) -> None:
+      """Writes the mean of the pending metrics (and ``extra``, this step's term gradient
+      norms); stops the run if one was not finite."""
       nonlocal pending
       if not pending:
         return
@@ -194,13 +201,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mean = jax.tree.map(lambda *x: np.mean(np.stack(x), 0), *fetched)
         checks = [functools.partial(check, mean, names)]
         scalars = reporting.train_scalars(mean, names, learning_rate(step - 1))
+      if extra:
+        scalars.update(reporting.term_scalars(parallel.fetch(extra), names))
       writer.write_scalars(step, scalars)
       for check_ in checks:
         check_()
       bar.set_postfix(loss=f'{mean["loss"]:.3f}',
                       acc='/'.join(f'{a:.2f}' for a in mean['accuracy']))
 
-    started, eval_seconds = time.perf_counter(), 0.0  # Wall time, and the part evaluating.
+    # Wall time, and the parts evaluating and diagnosing (train.term_gradients_every_steps).
+    started, eval_seconds, term_seconds = time.perf_counter(), 0.0, 0.0
     try:
       for step in range(start + 1, run.num_steps + 1):
         batch = parallel.shard_batch(next(train_iter), mesh)
@@ -222,7 +232,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         evaluate_now = step % steps_per_eval == 0 or is_last
         save_now = evaluate_now or step % config.train.checkpoint_every_steps == 0
         if step % config.train.log_every_steps == 0 or save_now:
-          log_pending(step)
+          extra = None
+          if term_norms is not None and step % term_every == 0:
+            jax.block_until_ready(state)  # The steps in flight are not the diagnosis' time.
+            term_start = time.perf_counter()
+            extra = jax.block_until_ready(term_norms(state, batch))
+            term_seconds += time.perf_counter() - term_start
+          log_pending(step, extra)
         checkpoint_metrics = None
         if evaluate_now:
           eval_start = time.perf_counter()
@@ -232,7 +248,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write_scalars(step, {**reporting.eval_scalars(eval_result, names, epoch,
                                                                val_result),
                                       'time/wall_s': time.perf_counter() - started,
-                                      'time/eval_s': eval_seconds})
+                                      'time/eval_s': eval_seconds,
+                                      **({'time/term_gradients_s': term_seconds}
+                                         if term_norms is not None else {})})
           writer.flush()
           # The best checkpoint is chosen on held-out data when the run has some.
           selecting = val_result if has_validation else eval_result
@@ -267,3 +285,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       print(reporting.format_markdown_table(rows), flush=True)
   return {'step': run.num_steps, 'names': names, **eval_result,
           **({} if val_result is None else {f'val_{k}': v for k, v in val_result.items()})}
+
+
+def measure_step_seconds(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, float]:
+  """What a run of ``config`` spends computing, from its steps timed on a synthetic batch
+  here (compiled first; nothing is written): ``seconds`` for every train step, the term
+  gradient norms at their steps, and every evaluation (validation each time, the test
+  split at the end), plus the per-call seconds of each."""
+  run = config_lib.setup(config)
+  mesh = parallel.create_mesh()
+  learning_rate = optim.create_learning_rate_fn(config, run.steps_per_epoch)
+  state = parallel.replicate(initial_state(config, run, learning_rate), mesh)
+  weights = steps.LossWeights.from_config(config)
+  train_step, eval_step = steps.jit_steps(run.depths, config.mode, weights, mesh=mesh)
+  shape = run.info.image_shape
+
+  def batch_of(size: int) -> dict[str, Any]:
+    return parallel.shard_batch({'image': np.zeros((size, *shape), np.float32),
+                                 'label': np.zeros((size,), np.int32)}, mesh)
+
+  def timed(fn, *args) -> float:
+    jax.block_until_ready(fn(*args))  # Compiles.
+    began = time.perf_counter()
+    for _ in range(repeats):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - began) / repeats
+
+  train_batch, eval_batch = batch_of(config.train.batch_size), batch_of(run.eval_batch_size)
+  # Donation consumes the state: each timed call gets a fresh copy.
+  step_s = timed(lambda b: train_step(jax.tree.map(jnp.copy, state), b)[1], train_batch)
+  eval_s = timed(eval_step, state, eval_batch)
+  every = config.train.term_gradients_every_steps
+  term_s = 0.0
+  if every:
+    shared = models.variable_shapes(run.model, shape, run.depths[-1])['params']
+    term_s = timed(steps.jit_term_gradient_norms(run.depths, config.mode, weights, mesh=mesh,
+                                                 shared=shared), state, train_batch)
+  evals = run.num_steps // (run.steps_per_epoch * config.train.eval_every_epochs)
+  per_eval = config.data.validation_examples or run.info.num_eval
+  eval_batches = (evals * -(-per_eval // run.eval_batch_size)
+                  + -(-run.info.num_eval // run.eval_batch_size))
+  seconds = (run.num_steps * step_s + (run.num_steps // every if every else 0) * term_s
+             + eval_batches * eval_s)
+  return {'seconds': seconds, 'train_step_s': step_s, 'eval_batch_s': eval_s,
+          'term_gradients_s': term_s}
+

@@ -242,3 +242,34 @@ def test_teachers_are_stop_gradient(inputs):
 def test_bad_mode_raises(mode, num_logits, message):
   with pytest.raises(ValueError, match=message):
     losses.ddnn_objective(mode, jnp.zeros((num_logits, 2, 3)), (), jnp.zeros(2, jnp.int32))
+
+
+@pytest.mark.parametrize('mode', losses.MODES)
+@pytest.mark.parametrize('w,alpha', [(1.0, 100.0), ((0.5, 1.0, 2.0), (10.0, 0.0, 30.0)),
+                                     (2.0, 0.0)])
+def test_weighted_terms_sum_to_the_loss(inputs, mode, w, alpha):
+  logits, features, labels = inputs
+  z = jnp.asarray(logits[:1] if mode == 'individual' else logits)
+  loss, parts = losses.ddnn_objective(mode, z, _attention(features), jnp.asarray(labels), w=w,
+                                      alpha=alpha, temperature=2.0)
+  terms = losses.weighted_terms(mode, parts, w=w, alpha=alpha)
+  np.testing.assert_allclose(sum(terms.values()), loss, rtol=1e-5)
+  kinds = {'individual': {'ce'}, 'ddnn': {'ce'}, 'ipkd': {'ce', 'kl'}, 'ipkd_ta': {'ce', 'kl'}}
+  with_attention = {'ce', 'kl', 'attention'} if np.any(np.asarray(alpha) != 0) else {'ce', 'kl'}
+  assert {k.split('/')[0] for k in terms} == kinds.get(mode, with_attention)
+
+
+def test_weighted_terms_by_hand(inputs):
+  """EKD with K = 3: each sub-net's CE / 3, its KL w_k / 4, the full net's KL mean(w) / 4."""
+  logits, features, labels = inputs
+  w = (0.5, 1.0, 3.0)
+  _, parts = losses.ddnn_objective('ekd', jnp.asarray(logits), _attention(features),
+                                   jnp.asarray(labels), w=w, alpha=0.0)
+  terms = losses.weighted_terms('ekd', parts, w=w, alpha=0.0)
+  p = [np_softmax(logits[d]) for d in range(D)]
+  np.testing.assert_allclose(terms['ce/0'], np_ce(logits[0], labels), rtol=1e-5)
+  np.testing.assert_allclose(terms['ce/2'], np_ce(logits[2], labels) / 3, rtol=1e-5)
+  np.testing.assert_allclose(terms['kl/3'], 3.0 * np_kl(p[0], logits[3]) / 4, rtol=1e-5)
+  np.testing.assert_allclose(terms['kl/0'], np.mean(w) * np_kl(np.mean(p, 0), logits[0]) / 4,
+                             rtol=1e-5)
+  assert 'attention/0' not in terms
