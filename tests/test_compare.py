@@ -210,7 +210,8 @@ def test_runs_of_another_net_dataset_or_budget_are_refused(runs, tmp_path):
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--diffs', 'ekd-nope'], "--diffs: 'ekd-nope' must be two different schemes"),
+    (['--diffs', 'ekd-nope'], "--diffs: ekd-nope: 'nope' is no mode and no label"),
+    (['--diffs', 'ekd-Individual'], "--diffs: 'ekd-Individual' must be two different schemes"),
     (['--diffs', 'ekd'], "--diffs: 'ekd' must be two different schemes"),
     (['--paper', 'r20_r16'], 'give DATASET:GROUP'),
     (['--paper', 'cifar10:r21'], 'no paper group cifar10:r21'),
