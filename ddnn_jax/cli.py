@@ -31,6 +31,10 @@ class ArgumentParser(argparse.ArgumentParser):
     fail(message)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Keeps the line breaks of a tool's description and epilog (its docstring)."""
+
+
 def positive_int(text: str) -> int:
   """argparse type: an integer >= 1."""
   try:

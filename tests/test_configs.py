@@ -53,6 +53,7 @@ PRESETS = [
                                models.SubNet((1, 2, 2, 6, 2), 0.25))),
     # The other config files: the offline default and names kept from earlier releases.
     ('default.py', ((3, 3, 3), (2, 2, 2), (1, 1, 1))),
+    ('fmnist20k.py', ((3, 3, 3), (2, 2, 2), (1, 1, 1))),  # The evidence study's regime.
     ('cifar10_resnet20.py', ((3, 3, 3), (2, 2, 2), (1, 1, 1))),
     ('cifar10_resnet56.py', ((9, 9, 9), (7, 7, 7), (5, 5, 5))),
     ('cifar100_resnet56.py', ((9, 9, 9), (7, 7, 7), (5, 5, 5))),
