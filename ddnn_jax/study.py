@@ -650,9 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = lambda: (fixed, [])  # noqa: E731
   planner = Planner(spec, overrides, extra, args.python, root, plan)
   if args.report:
-    from ddnn_jax import study_report  # pylint: disable=g-import-not-at-top
-    study_report.main_report(preset, record)
-    return 0
+    return _report(preset, record, depths)
   runs, waiting = planner()
   if args.dry_run:
     for run in runs:
@@ -673,14 +671,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   def finish(finished: list[str]) -> int:
     if preset is not None:
-      from ddnn_jax import study_report  # pylint: disable=g-import-not-at-top
-      study_report.main_report(preset, record)
-      return 0
+      return _report(preset, record, depths)
     return subprocess.call([args.python, '-m', 'ddnn_jax.compare', *finished,
                             '--out', os.path.join(root, 'comparison')])
 
   return run_study(planner, record=record, slots=slots, deadline=deadline, nice=args.nice,
                    header=header, finish=finish)
+
+
+def _report(preset: study_plan.Preset, record: str, depths) -> int:
+  from ddnn_jax import study_report  # pylint: disable=g-import-not-at-top
+  written = study_report.main_report(preset, record, depths)
+  print(f'wrote {", ".join(written)}')
+  return 0
 
 
 def _quote(arg: str) -> str:

@@ -3,6 +3,7 @@
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from jobs import REPO, TINY, assert_one_line_error, child_env, run_module
+from jobs import REPO, TINY, assert_one_line_error, checkpoint_steps, child_env, run_module
 
 
 def _plan(*args):
@@ -68,7 +69,8 @@ def test_schemes_without_subnets_are_refused(tmp_path):
 
 
 STUDY = ['--config', 'configs/default.py', '--schemes', 'individual,ekd', '--seeds', '1',
-         *TINY, '--config.data.validation_examples=256', '--config.train.num_epochs=2']
+         '--parallel', '1', *TINY, '--config.data.validation_examples=256',
+         '--config.train.num_epochs=2']
 
 
 def _study(root, *args, wait=True):
@@ -122,3 +124,79 @@ def test_a_study_stops_on_sigterm_and_the_same_command_continues_it(fashion_mnis
   third = _study(root, data)
   assert third.returncode == 0 and third.stdout.count('finished, kept') == 4
   assert os.path.getsize(root / 'comparison' / 'differences.csv') > 0
+
+
+# --- records and the time available ---------------------------------------------------------
+
+ONE_RUN = ['--config', 'configs/default.py', '--schemes', 'ekd', '--parallel', '1', *TINY,
+           '--config.data.validation_examples=256']
+
+
+def _one_run_study(root, record, data, *args, timeout=900):
+  cmd = [sys.executable, '-m', 'ddnn_jax.study', '--root', str(root), '--record', str(record),
+         *ONE_RUN, data, *args]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        env=child_env(devices=2))
+
+
+def _fake_record(record, source, name, epochs, wall_seconds):
+  """A copy of the record ``source`` as run ``name`` trained for ``epochs`` in
+  ``wall_seconds``: what the estimator reads for runs of that budget."""
+  target = record / 'runs' / name
+  shutil.copytree(record / 'runs' / source, target)
+  config = json.loads((target / 'config.json').read_text())
+  config['train']['num_epochs'] = epochs
+  config['seed'] = 9
+  (target / 'config.json').write_text(json.dumps(config))
+  meta = json.loads((target / 'record.json').read_text())
+  meta.update(wall_seconds=wall_seconds, key=['elsewhere'])
+  (target / 'record.json').write_text(json.dumps(meta))
+
+
+@pytest.mark.slow
+def test_records_finish_runs_and_fit_the_time_left(fashion_mnist_dir, tmp_path):
+  data = f'--config.data.data_dir={fashion_mnist_dir}'
+  root, record = tmp_path / 'study', tmp_path / 'record'
+  first = _one_run_study(root, record, data, '--seeds', '1', '--config.train.num_epochs=1')
+  assert first.returncode == 0, first.stderr[-3000:]
+  run = record / 'runs' / 'ekd-seed0'
+  assert sorted(p.name for p in run.iterdir()) == [
+      'config.json', 'dataset.json', 'metrics.jsonl', 'record.json', 'results.csv', 'results.md']
+  meta = json.loads((run / 'record.json').read_text())
+  assert meta['command'][1:3] == ['-m', 'ddnn_jax.main'] and meta['wall_seconds'] > 0
+  assert meta['machine']['packages']['jax'] and meta['machine']['cpu']
+  assert sum(p.stat().st_size for p in run.iterdir()) < 200_000
+  # The record reads as the workdir it came from.
+  by_workdir = run_module('compare', root / 'ekd-seed0', '--out', tmp_path / 'w')
+  by_record = run_module('compare', run, '--out', tmp_path / 'r')
+  assert by_workdir.returncode == 0 and by_record.returncode == 0, by_record.stderr
+  for name in ('comparison.md', 'comparison.csv', 'differences.csv'):
+    assert (tmp_path / 'w' / name).read_text() == (tmp_path / 'r' / name).read_text()
+
+  # With its workdir gone, the recorded run is finished; the root holds nothing of it.
+  shutil.rmtree(root)
+  again = _one_run_study(root, record, data, '--seeds', '1', '--config.train.num_epochs=1')
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert '[1/1] ekd-seed0: finished, kept' in again.stdout
+  assert not (root / 'ekd-seed0').exists()
+
+  # A run whose budget took 3 hours before does not start in the one hour given.
+  _fake_record(record, 'ekd-seed0', 'ekd-slow', 40, 3 * 3600)
+  late = _one_run_study(root, record, data, '--seeds', '2', '--config.train.num_epochs=40',
+                        '--hours', '1')
+  assert late.returncode == 75, late.stderr[-3000:]
+  assert 'ekd-seed0: needs ~180 min, 60 min left: not started' in late.stdout
+  assert not (root / 'ekd-seed0' / 'checkpoints').exists()
+  shutil.rmtree(record / 'runs' / 'ekd-slow')
+
+  # One that took a second before starts, and the deadline stops it cleanly: exit 75, its
+  # checkpoint kept for the next study, no record.
+  _fake_record(record, 'ekd-seed0', 'ekd-quick', 400, 1)
+  stopped = _one_run_study(root, record, data, '--seeds', '1', '--config.train.num_epochs=400',
+                           '--hours', '0.02')
+  assert stopped.returncode == 75, stopped.stderr[-3000:]
+  assert 'study stopped (the deadline)' in stopped.stdout
+  manifest = json.loads((root / 'study.json').read_text())
+  assert manifest['runs']['ekd-seed0']['exit_code'] == 75
+  assert checkpoint_steps(root / 'ekd-seed0')
+  assert json.loads((run / 'record.json').read_text())['key'] == meta['key']  # Not replaced.
