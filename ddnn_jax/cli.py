@@ -65,10 +65,6 @@ def progress(items: Iterable[T], description: str, total: int | None = None,
                    dynamic_ncols=True, mininterval=1.0, leave=False)
 
 
-def config_error_line(err: BaseException) -> str:
-  return errors.one_line(err)
-
-
 def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> Any:
   """Runs a tool's ``main(argv)`` and returns what it returns; bad input (UsageError and
   its kinds) ends as one ``error:`` line with exit code 2."""

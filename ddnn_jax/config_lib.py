@@ -129,23 +129,26 @@ def _term_gradients_every_steps(value, config) -> str | None:
 
 
 def _num_subnets(config) -> int:
-  return len(config.model.subnets) if not isinstance(config.model.subnets, str) else 0
+  try:
+    return len(models.subnet_specs(config.model.subnets))
+  except ValueError:
+    return 0
 
 
 def _subnets(value, config) -> str | None:
-  allowed = 'a tuple of depths (block counts per stage, or names of the same family)'
-  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-    return allowed
+  allowed = ('depths such as 2-2-2, 2-2-2@0.5, [2,2,2] or (2,2,2), a tuple of them, or names '
+             'of the same family')
   try:
+    specs = models.subnet_specs(value)
     if config.mode == 'individual':
-      if len(value) > 1:
+      if len(specs) > 1:
         return "at most one depth in mode 'individual' (() trains the full net)"
-      resolved = [models.resolve_depth(depth, config.model.arch) for depth in value]
+      resolved = [models.resolve_depth(depth, config.model.arch) for depth in specs]
     else:
-      resolved = models.depth_set(config.model.arch, value)
+      resolved = models.depth_set(config.model.arch, specs)
   except ValueError as err:
     return f'{allowed}: {err}'
-  if config.mode != 'individual' and not value:
+  if config.mode != 'individual' and not specs:
     return f'at least one sub-net in mode {config.mode!r}'
   return _subnet_widths_allowed(resolved, config)
 
@@ -349,8 +352,9 @@ def depths_of(config: ml_collections.ConfigDict) -> tuple[models.Depth, ...]:
   Mode 'individual' trains one depth alone: the full net, or its one sub-net.
   """
   if config.mode == 'individual':
-    if config.model.subnets:
-      return (models.resolve_depth(config.model.subnets[0], config.model.arch),)
+    specs = models.subnet_specs(config.model.subnets)
+    if specs:
+      return (models.resolve_depth(specs[0], config.model.arch),)
     return (models.arch_spec(config.model.arch).stage_sizes,)
   depths = models.depth_set(config.model.arch, config.model.subnets)
   if all(models.width_of(d) == 1.0 for d in depths):
@@ -427,7 +431,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   """
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
-    raise ConfigError(f'config file {path} does not exist')
+    raise ConfigError(errors.config_load_error(spec, 'no such file'))
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
   if root not in sys.path:
     sys.path.insert(0, root)  # `from configs import default`, as under `python -m`.
@@ -437,4 +441,4 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
   except ValueError as err:
-    raise ConfigError(f'{spec}: {err}') from None
+    raise ConfigError(errors.config_load_error(spec, str(err))) from None

@@ -38,7 +38,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       FLAGS.config.keys()  # A config file that failed to load only says so on access.
     return rest
   except Exception as err:  # noqa: BLE001 - flag and config-file errors of every kind.
-    fail(errors.one_line(err))
+    fail(errors.one_line(err, argv))
 
 
 def main(argv: list[str]) -> None:

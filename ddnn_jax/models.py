@@ -204,6 +204,30 @@ def parse_depths(text: str) -> list[DepthSpec]:
   return [parse_depth(i) for i in items]
 
 
+def subnet_specs(value: Any) -> list[DepthSpec]:
+  """``model.subnets`` as people write it, in a config file or a flag, as a list of depths:
+  '2-2-2', '2-2-2@0.5', '[2,2,2]', '2-2-2,1-1-1' (text, ``parse_depths``); (2, 2, 2) (one
+  depth); ((2, 2, 2), '1-1-1', 'resnet32') (a tuple of depths, each a tuple or text)."""
+  if isinstance(value, bytes):
+    value = value.decode()
+  if isinstance(value, str):
+    return parse_depths(value)
+  if not isinstance(value, Sequence):
+    raise ValueError(f'{value!r} is not a depth or a tuple of depths: give {_DEPTH_EXAMPLE}')
+  items = list(value)
+  if items and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in items):
+    return [tuple(int(n) for n in items)]  # One depth: (2, 2, 2).
+  specs = []
+  for item in items:
+    if isinstance(item, str):
+      specs.append(parse_depth(item))
+    elif isinstance(item, Sequence) and not isinstance(item, bytes):
+      specs.append(item if isinstance(item, SubNet) else tuple(item))
+    else:
+      raise ValueError(f'{item!r} is not a depth: give {_DEPTH_EXAMPLE}')
+  return specs
+
+
 def _fmt(depth: Any) -> str:  # In error messages: names quoted.
   return repr(depth) if isinstance(depth, str) else format_depth(depth)
 
@@ -234,19 +258,21 @@ def resolve_depth(spec: DepthSpec, arch: str) -> Depth:
   """A named depth ('resnet44', 'resnet44@0.5') or an explicit list, checked against
   ``arch``."""
   full = arch_spec(arch)
-  if isinstance(spec, str) and '@' in spec:
+  if isinstance(spec, str):  # '2-2-2', '[2,2,2]', '2-2-2@0.5', 'resnet32@0.5', 'resnet32'.
     parsed = parse_depth(spec)
-    if isinstance(parsed, str):
+    if isinstance(parsed, str) and '@' in parsed:
       name, _, width = parsed.rpartition('@')
       return subnet(resolve_depth(name, arch), float(width))
     spec = parsed
+  kind_of = lambda family: FAMILIES_OF_A_KIND.get(family, family)  # noqa: E731
   if isinstance(spec, str):
     named = ARCHS.get(spec.lower())
     if named is None:
-      raise ValueError(f'unknown depth {spec!r}; use a list of blocks per stage or one of '
-                       f'{", ".join(ARCHS)}')
-    kind = FAMILIES_OF_A_KIND.get(named.family, named.family)
-    if kind != FAMILIES_OF_A_KIND.get(full.family, full.family):
+      same = [n for n, a in ARCHS.items() if kind_of(a.family) == kind_of(full.family)]
+      raise ValueError(f'unknown depth {spec!r}; use block counts per stage such as '
+                       f'{format_depth(full.stage_sizes)} or one of {", ".join(same)}')
+    kind = kind_of(named.family)
+    if kind != kind_of(full.family):
       raise ValueError(f'depth {spec!r} is a {named.family} but {arch} is a {full.family}')
     spec = named.stage_sizes
   return check_depth(spec, full.stage_sizes, arch)
@@ -869,7 +895,7 @@ def depth_set(arch: str, subnets: Sequence[DepthSpec] = ()) -> tuple[Depth, ...]
   teacher-assistant chain of IPKD-TA.
   """
   full = arch_spec(arch).stage_sizes
-  subs = [resolve_depth(s, arch) for s in subnets]
+  subs = [resolve_depth(s, arch) for s in subnet_specs(subnets)]
   for depth in subs:
     if depth == full:
       raise ValueError(f'sub-net {_fmt(depth)} is the full net {arch} itself')

@@ -85,7 +85,7 @@ def load_config(spec: str, overrides: Sequence[str]):
     values(argv)
     return values.config
   except Exception as err:  # noqa: BLE001 - flag and config-file errors of every kind.
-    raise cli.UsageError(cli.config_error_line(err)) from None
+    raise cli.UsageError(errors.one_line(err, argv)) from None
 
 
 def base_depths(spec: str, overrides: Sequence[str]):

@@ -121,7 +121,10 @@ BAD_VALUES = [
     ('data.num_workers=-1', 'data.num_workers=-1: must be an integer >= 0'),
     ('data.image_size=64', 'data.image_size=64: must be None for fashion_mnist, whose images'),
     ('seed=-1', 'seed=-1: must be an integer >= 0'),
-    ('model.subnets=((1,1,4),)', 'model.subnets=((1, 1, 4),): must be a tuple of depths'),
+    ('model.subnets=((1,1,4),)', 'model.subnets=((1, 1, 4),): must be depths such as 2-2-2'),
+    ('model.subnets=2-2', "model.subnets=('2-2',): must be depths such as 2-2-2, 2-2-2@0.5"),
+    ('model.subnets=resnet14', "unknown depth 'resnet14'; use block counts per stage such as "
+     '3-3-3 or one of resnet20, resnet32, resnet44, resnet56, resnet110'),
     ('model.arch=resnet21', "model.arch='resnet21': must be one of resnet20"),
 ]
 
@@ -144,8 +147,9 @@ def test_the_bad_value_table_is_long_enough():
                                     "at most one depth in mode 'individual'"]),
     (['--config.model.subnets=((1,1),)'], ['has 2 stages but resnet20 has 3']),
     (['--config.train.num_epochs=abc'], ['num_epochs', 'abc']),
-    (['--config.train.epochs=1'], ["unknown config field 'epochs'", 'num_epochs']),
-    (['--config=configs/no_such.py'], ['cannot load --config', 'no_such.py']),
+    (['--config.train.epochs=1'], ["unknown config field 'train.epochs' (did you mean "
+                                   'train.num_epochs?)']),
+    (['--config=configs/no_such.py'], ['cannot load --config configs/no_such.py: no such file']),
     (['--config=configs/imagenet_r50.py:v9'], ["unknown hardware preset 'v9'"]),
     (['--config=configs/cifar10.py:r99'], ["unknown group 'r99'; known groups: r20_r16,"]),
     (['positional'], ['unexpected arguments: positional']),

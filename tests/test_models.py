@@ -260,3 +260,36 @@ def test_a_cascade_stage_resumes_exactly_where_another_left_off(arch, image_shap
   plain, none = model.apply(variables, x, full, method=models.DDNN.cascade_stage)
   assert none is None
   np.testing.assert_allclose(plain, want, atol=1e-6)
+
+
+@pytest.mark.parametrize('value, specs', [
+    ('2-2-2', [(2, 2, 2)]),
+    (('2-2-2',), [(2, 2, 2)]),  # What --config.model.subnets=2-2-2 gives.
+    ('[2,2,2]', [(2, 2, 2)]),
+    ((2, 2, 2), [(2, 2, 2)]),  # What --config.model.subnets='[2,2,2]' gives.
+    ('2-2-2,1-1-1', [(2, 2, 2), (1, 1, 1)]),
+    (((2, 2, 2), (1, 1, 1)), [(2, 2, 2), (1, 1, 1)]),
+    (('2-2-2@0.5', '(1,1,1)'), [models.SubNet((2, 2, 2), 0.5), (1, 1, 1)]),
+    (('resnet32', [1, 1, 1]), ['resnet32', (1, 1, 1)]),
+    ((), []),
+])
+def test_subnets_take_every_spelling_of_a_depth(value, specs):
+  assert models.subnet_specs(value) == specs
+  assert [models.width_of(s) for s in models.subnet_specs(value)] == [
+      models.width_of(s) for s in specs]
+
+
+@pytest.mark.parametrize('value', ['2-x-2', 7, ((2, 2, 2), 3)])
+def test_subnets_that_are_no_depths_are_refused(value):
+  with pytest.raises(ValueError, match='not a depth'):
+    models.subnet_specs(value)
+
+
+def test_an_unknown_name_is_answered_with_names_of_the_full_nets_family():
+  with pytest.raises(ValueError) as err:
+    models.resolve_depth('resnet14', 'resnet20')
+  assert str(err.value).endswith('such as 3-3-3 or one of resnet20, resnet32, resnet44, '
+                                 'resnet56, resnet110')
+  with pytest.raises(ValueError) as err:
+    models.resolve_depth('resnet27', 'resnet50')
+  assert str(err.value).endswith('such as 3-4-6-3 or one of resnet50, resnet101')  # Bottleneck.

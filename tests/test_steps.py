@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import flops, models, steps
+from ddnn_jax import flops, losses, models, steps
 
 ARCH, SUBNETS, IMAGE = 'resnet20', [(1, 1, 1), (2, 2, 2)], (8, 8, 3)
 NUM_CLASSES = 4
@@ -244,3 +244,43 @@ def test_shared_trunk_step_costs_what_its_blocks_predict():
       flops.profile_subnet(model, IMAGE, d).flops for d in depths)
   assert 0.7 < predicted < 0.85, predicted
   assert abs(measured - predicted) < 0.03, (measured, predicted)
+
+
+@pytest.mark.parametrize('mode', ['ekd', 'ipkd_ta', 'ddnn'])
+def test_term_gradient_norms_are_each_terms_own_gradient(mode):
+  """Each term's norm equals the norm of jax.grad of that term alone; 'total' equals the
+  train step's gradient; on the shared parameters, only what the smallest depth uses."""
+  state, depths = new_state(mode)
+  depths = tuple(depths)
+  weights = steps.LossWeights(w=(0.5, 2.0), alpha=30.0, temperature=2.0)
+  batch = toy_batch()
+  model = state.apply_fn.__self__
+  shared = models.variable_shapes(model, IMAGE, depths[-1])['params']
+  out = jax.jit(lambda s, b: steps.term_gradient_norms(s, b, depths=depths, mode=mode,
+                                                       weights=weights, shared=shared))(
+      state, batch)
+  kinds = {'ekd': {'ce', 'kl', 'attention'}, 'ipkd_ta': {'ce', 'kl'}, 'ddnn': {'ce'}}[mode]
+  names = [k.removeprefix('term/') for k in out if k.startswith('term/')]
+  assert {n.split('/')[0] for n in names} == kinds
+  assert len(names) == {'ekd': 9, 'ipkd_ta': 5, 'ddnn': 3}[mode]
+
+  def term(params, name):
+    logits, attention, _ = steps._train_forward(state, params, batch['image'], depths,
+                                                mode == 'ekd', True)
+    _, parts = losses.ddnn_objective(mode, logits, attention, batch['label'], w=weights.w,
+                                     alpha=weights.alpha, temperature=weights.temperature)
+    return losses.weighted_terms(mode, parts, w=weights.w, alpha=weights.alpha)[name]
+
+  for name in names:
+    grads = jax.grad(term)(state.params, name)
+    np.testing.assert_allclose(out[f'grad_norm/{name}'], optax.global_norm(grads), rtol=1e-4)
+    np.testing.assert_allclose(out[f'grad_norm_shared/{name}'],
+                               optax.global_norm(models.select_used(grads, shared)), rtol=1e-4)
+    np.testing.assert_allclose(out[f'term/{name}'], term(state.params, name), rtol=1e-5)
+  (_, _), grads = steps.loss_and_grads(state, batch, depths=depths, mode=mode, weights=weights)
+  np.testing.assert_allclose(out['grad_norm/total'], optax.global_norm(grads), rtol=1e-4)
+  # The smallest depth's CE pulls only on shared parameters; the full net's does not.
+  smallest = f'ce/{len(depths) - 1}'
+  np.testing.assert_allclose(out[f'grad_norm_shared/{smallest}'], out[f'grad_norm/{smallest}'],
+                             rtol=1e-5)
+  assert out['grad_norm_shared/ce/0'] < out['grad_norm/ce/0']
