@@ -66,17 +66,19 @@ def candidate_depths(run: inference.TrainedRun, spec: str) -> tuple[list[models.
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(prog='python -m ddnn_jax.cascade',
-                              description=__doc__.split('\n\n')[0])
+  parser = cli.ArgumentParser(prog='python -m ddnn_jax.cascade', doc=__doc__,
+                              example='python -m ddnn_jax.cascade --workdir /tmp/ddnn --max_error_increase 0.15')
   deploy.add_run_flags(parser)
   parser.add_argument('--depths', default='front',
-                      help="'front' (default: the depths on the static validation front), "
-                      "'all', or depths, e.g. 1-1-1,2-2-2,3-3-3")
+                      help="'front' (the depths on the static validation front of "
+                      "python -m ddnn_jax.search), 'all', or depths, e.g. 1-1-1,2-2-2,3-3-3")
   parser.add_argument('--stages', type=int, choices=(2, 3), default=2,
-                      help='longest cascade: 2 depths, or also 3 (default 2)')
-  parser.add_argument('--score', choices=cascading.SCORES, default='maxprob')
+                      help='longest cascade: 2 depths, or also 3')
+  parser.add_argument('--score', choices=cascading.SCORES, default='maxprob',
+                      help="a stage's confidence in its answer: the top probability, its "
+                      'margin over the second, or the negative entropy (each calibrated)')
   parser.add_argument('--trunk', choices=(*cascading.TRUNKS, 'both'), default='recompute',
-                      help="later stages recompute from the image (default), reuse the "
+                      help="later stages recompute from the image, reuse the "
                       "previous stage's shared leading blocks, or both are tried")
   budget = parser.add_mutually_exclusive_group()
   budget.add_argument('--max_flops', type=deploy.parse_flops,
@@ -91,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help='training images for BN recalibration of untrained depths')
   parser.add_argument('--batch_size', type=cli.positive_int, default=512,
                       help='batch of the logits passes')
-  parser.add_argument('--latency_repeats', type=cli.positive_int, default=20)
+  parser.add_argument('--latency_repeats', type=cli.positive_int, default=20,
+                      help='timed calls per latency (their median; after warm-up)')
   args = parser.parse_args(argv)
   if args.max_error_increase is not None and not 0 <= args.max_error_increase < 100:
     raise errors.UsageError(f'--max_error_increase {args.max_error_increase:g}: must be in '
@@ -102,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f'{run.workdir} held out no validation examples (data.validation_examples=0): a '
         'cascade is fitted on the validation split; train with data.validation_examples > 0')
   depths, how = candidate_depths(run, args.depths)
+  if len(set(depths)) < 2:
+    raise errors.UsageError(f'--depths gives {len(set(depths))} depth: a cascade needs at '
+                            'least 2 (e.g. --depths all)')
   trunks = cascading.TRUNKS if args.trunk == 'both' else (args.trunk,)
   result = build(run, depths, how, args.stages, args.score, trunks, args)
   print(result['report'], end='')
@@ -144,6 +150,11 @@ def build(run: inference.TrainedRun, depths: list[models.Depth], how: str, max_s
   if full not in static:
     raise errors.UsageError(f'the full net {models.format_depth(full)} must be among --depths '
                             '(the budget is measured against it)')
+  if len(depths) < 2:  # Before the latencies and the cascades: the long part.
+    raise errors.UsageError(
+        f'no cascade is left: the validation front of {run.workdir} keeps only the full net '
+        f'{models.format_depth(full)} (no smaller depth is as accurate per FLOP); give '
+        '--depths all or a list of depths')
   latencies = inference.LatencyTable(run.workdir)
   temperatures, calibration_rows = {}, []
   for d in depths:
@@ -234,6 +245,8 @@ def _choose(rows, full_val_error, args) -> dict:
     fitting = [r for r in rows if r['top1_error_val'] <= full_val_error + increase + 1e-9]
     key = lambda r: (r['mean_flops_val'], r['top1_error_val'])  # noqa: E731
     what = f'validation error <= the full net\'s + {increase:g} points'
+  if not rows:
+    raise errors.UsageError('no cascade was built (fewer than 2 depths)')
   if not fitting:
     raise errors.UsageError(f'no cascade has {what}; the cheapest has '
                             f'{min(r["mean_flops_val"] for r in rows) / 1e6:.2f}M mean FLOPs')

@@ -24,15 +24,54 @@ def fail(message: str, code: int = 2) -> NoReturn:
   sys.exit(code)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Keeps the line breaks of a tool's docstring and shows every default that is a value."""
+
+  def _get_help_string(self, action):
+    text = action.help or ''
+    if (action.default in (None, False, argparse.SUPPRESS) or 'default' in text
+        or (not action.option_strings and action.nargs not in ('?', '*'))):
+      return text
+    return f'{text} (default: %(default)s)'
+
+
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose usage errors are one ``error:`` line (exit code 2), no usage dump."""
+  """argparse as every tool uses it: the tool's docstring as its help (with what it writes),
+  defaults shown, an example at the end; usage errors as one ``error:`` line (exit code
+  2, no usage dump). Flags are spelled with underscores; the same names with hyphens, and
+  the old names in ``aliases``, are accepted too."""
+
+  def __init__(self, *, prog: str, doc: str | None = None, example: str | None = None,
+               aliases: dict[str, str] | None = None, **kwargs):
+    if doc is not None:
+      kwargs.setdefault('description', doc.strip())
+    if example is not None:
+      kwargs.setdefault('epilog', f'Example:\n  {example}')
+    kwargs.setdefault('formatter_class', HelpFormatter)
+    super().__init__(prog=prog, **kwargs)
+    self.aliases = dict(aliases or {})
+
+  def _spelling(self, arg: str) -> str:
+    if not arg.startswith('--') or arg == '--':
+      return arg
+    name, eq, value = arg.partition('=')
+    name = self.aliases.get(name, name)
+    underscored = '--' + name[2:].replace('-', '_')
+    if underscored in self._option_string_actions:
+      name = underscored
+    return name + eq + value
+
+  def parse_known_args(self, args=None, namespace=None):
+    args = list(sys.argv[1:] if args is None else args)
+    if '--' in args:  # What follows '--' is not this tool's.
+      cut = args.index('--')
+      args = [*map(self._spelling, args[:cut]), *args[cut:]]
+    else:
+      args = [self._spelling(a) for a in args]
+    return super().parse_known_args(args, namespace)
 
   def error(self, message: str) -> NoReturn:
     fail(message)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-  """Keeps the line breaks of a tool's description and epilog (its docstring)."""
 
 
 def positive_int(text: str) -> int:

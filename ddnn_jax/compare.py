@@ -33,8 +33,8 @@ from ddnn_jax.comparison import DEFAULT_DIFFS, SPLIT_COLUMNS
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(prog='python -m ddnn_jax.compare',
-                              description=__doc__.split('\n\n')[0])
+  parser = cli.ArgumentParser(prog='python -m ddnn_jax.compare', doc=__doc__,
+                              example='python -m ddnn_jax.compare runs/individual-* runs/ekd-seed* --out /tmp/comparison')
   parser.add_argument('workdirs', nargs='+', help='workdirs (or run records) of finished runs')
   parser.add_argument('--out', default='comparison', help='directory for the outputs')
   parser.add_argument('--split', choices=tuple(SPLIT_COLUMNS), default='test',

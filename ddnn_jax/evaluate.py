@@ -19,8 +19,8 @@ from ddnn_jax import cli, deploy, inference
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(prog='python -m ddnn_jax.evaluate', description=__doc__.split(
-      '\n\n')[0])
+  parser = cli.ArgumentParser(prog='python -m ddnn_jax.evaluate', doc=__doc__,
+                              example='python -m ddnn_jax.evaluate --workdir /tmp/ddnn --depths all')
   deploy.add_run_flags(parser)
   parser.add_argument('--depths', default='trained',
                       help="'all' (every depth configuration), 'trained' (default) or depths, "

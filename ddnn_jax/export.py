@@ -3,7 +3,7 @@ r"""Exports one depth of a trained run, or a cascade of depths, as self-containe
   python -m ddnn_jax.export --workdir W --depth 2-2-2 --out DIR [--step N|best|latest] [--force]
   python -m ddnn_jax.export --workdir W --cascade W/cascade/chosen.json --out DIR
 
-DIR holds
+Writes DIR (``--out``), which holds
   model.jax       ``jax.export`` serialized StableHLO of (variables, pixels) -> logits, with a
                   symbolic batch dimension; the dataset's normalisation is inside;
   variables.npz   only the parameters and BatchNorm statistics this depth uses
@@ -203,8 +203,8 @@ def _write_cascade(run: inference.TrainedRun, cascade: cascading.Cascade, chosen
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(prog='python -m ddnn_jax.export',
-                              description=__doc__.split('\n\n')[0])
+  parser = cli.ArgumentParser(prog='python -m ddnn_jax.export', doc=__doc__,
+                              example='python -m ddnn_jax.export --workdir /tmp/ddnn --depth 2-2-2 --out /tmp/r14')
   deploy.add_run_flags(parser)
   what = parser.add_mutually_exclusive_group(required=True)
   what.add_argument('--depth', help='the depth to export, e.g. 2-2-2 or resnet32')

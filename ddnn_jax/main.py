@@ -7,6 +7,11 @@ Multi-host GPU clusters add --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I; SLURM and Open MPI jobs are detected without flags; TPU pod slices
 pass --distributed (launch/tpu_vm.sh does).
 
+Writes the workdir: ``config.json``, ``dataset.json``, ``checkpoints/`` (the latest,
+and the best by mean validation accuracy), ``metrics.jsonl`` and ``tb/`` (train and
+evaluation metrics), ``results.md``/``results.csv`` (every depth's params, FLOPs, test
+and validation error) and ``accuracy_vs_flops.png``.
+
 Exit codes: 0 done; 2 bad input (config, data, workdir, checkpoint), one ``error:``
 line; 3 diverged (a loss went non-finite; the latest checkpoint is the last finite
 state); 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun to continue).
@@ -30,7 +35,27 @@ config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/defau
                                 lock_config=True)
 
 
+HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull', '-?')
+EXAMPLE = 'python -m ddnn_jax.main --config configs/default.py --workdir /tmp/ddnn'
+
+
+def usage() -> str:
+  """The help: this docstring, the flags with their defaults, an example."""
+  lines = [__doc__.strip(), '', 'Flags:']
+  for name in ('config', 'workdir', 'coordinator_address', 'num_processes', 'process_id',
+               'distributed'):
+    flag = FLAGS[name]
+    default = '' if flag.default in (None, False) else f' (default: {flag.default})'
+    lines.append(f'  --{name}: {flag.help}{default}')
+  lines += ['  --config.KEY=VALUE: override one config field, e.g. --config.train.num_epochs=1',
+            '', 'Example:', f'  {EXAMPLE}']
+  return '\n'.join(lines)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
+  if any(arg in HELP_FLAGS for arg in argv[1:]):
+    print(usage())
+    sys.exit(0)
   # absl would print a usage dump (and config_flags a traceback): one line instead.
   try:
     rest = FLAGS(argv)

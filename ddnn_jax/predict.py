@@ -4,8 +4,8 @@ r"""Classifies image files with a trained run, at a chosen depth or within a lat
       [--depth D | --latency_ms X | --cascade W/cascade/chosen.json]
 
 Images are converted to the dataset's channels and input size; the top 5 classes and
-their probabilities are printed per image, with the depth used, and written to
-``--out`` (CSV) if given.
+their probabilities are printed per image, with the depth used. Writes the same to
+``--out`` (CSV) when given; nothing else.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(prog='python -m ddnn_jax.predict',
-                              description=__doc__.split('\n\n')[0])
+  parser = cli.ArgumentParser(prog='python -m ddnn_jax.predict', doc=__doc__,
+                              example='python -m ddnn_jax.predict --workdir /tmp/ddnn --images shoe.png --depth 2-2-2')
   deploy.add_run_flags(parser)
   parser.add_argument('--images', nargs='+', required=True, help='PNG or JPEG files')
   choice = parser.add_mutually_exclusive_group()

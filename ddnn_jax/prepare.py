@@ -4,7 +4,8 @@ r"""Prepares a dataset offline into a tfds ArrayRecord data_dir (no TensorFlow, 
   python -m ddnn_jax.prepare cifar10 --from ~/Downloads --data_dir /data/tfds
 
 Reads the original archives from a local folder and writes the dataset (name, version,
-features) that stock tfds would (``ddnn_jax.preparation``).
+features) that stock tfds would (``ddnn_jax.preparation``). Writes
+``DATA_DIR/<name>/<version>/`` (ArrayRecord shards and the dataset info).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from ddnn_jax import cli, datasets, preparation
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(
-      prog='python -m ddnn_jax.prepare',
-      description='Prepare a dataset offline into a tfds ArrayRecord data_dir.')
+  parser = cli.ArgumentParser(prog='python -m ddnn_jax.prepare', doc=__doc__,
+                              example='python -m ddnn_jax.prepare cifar10 --from ~/Downloads')
   parser.add_argument('name', choices=datasets.PREPARABLE)
   parser.add_argument('--from', dest='source_dir', required=True,
                       help='folder with the original archives or files')

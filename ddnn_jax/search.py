@@ -108,8 +108,8 @@ def _plot(rows: Sequence[Mapping[str, Any]], fronts: Mapping[str, list[int]],
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(prog='python -m ddnn_jax.search',
-                              description=__doc__.split('\n\n')[0])
+  parser = cli.ArgumentParser(prog='python -m ddnn_jax.search', doc=__doc__,
+                              example='python -m ddnn_jax.search --workdir /tmp/ddnn --max_flops 20M')
   deploy.add_run_flags(parser)
   deploy.add_measure_flags(parser)
   parser.add_argument('--max_flops', type=deploy.parse_flops,

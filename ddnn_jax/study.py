@@ -569,10 +569,8 @@ def parse_deadline(hours: float | None, until: str | None,
 
 
 def build_parser() -> cli.ArgumentParser:
-  parser = cli.ArgumentParser(prog='python -m ddnn_jax.study',
-                              description=__doc__.split('\n\n')[0],
-                              formatter_class=cli.HelpFormatter,
-                              epilog=__doc__.split('\n\n', 1)[1].split('Exit codes:')[0])
+  parser = cli.ArgumentParser(prog='python -m ddnn_jax.study', doc=__doc__,
+                              example='python -m ddnn_jax.study --preset fmnist20k --hours 6')
   parser.add_argument('--preset', choices=tuple(study_plan.PRESETS),
                       help='a named study: its config, runs and record folder (e.g. '
                       'fmnist20k); instead of --config/--schemes/--seeds')
@@ -601,7 +599,7 @@ def build_parser() -> cli.ArgumentParser:
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument('--detach', action='store_true', help='run in the background and return')
   mode.add_argument('--status', action='store_true', help='show where each run stands')
-  mode.add_argument('--dry_run', '--dry-run', action='store_true',
+  mode.add_argument('--dry_run', action='store_true',
                     help='print the commands, run nothing')
   mode.add_argument('--report', action='store_true',
                     help="a preset: rewrite its report from the records alone")

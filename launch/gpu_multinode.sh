@@ -25,20 +25,20 @@ Options:
   --port PORT         coordinator port on the first node (default: 12355)
   --coordinator HOST  coordinator address if the nodes reach H1 under another name
                       (e.g. an InfiniBand hostname; default: H1)
-  --config PATH       config file, relative to --remote-dir (default: $DEFAULT_CONFIG)
-  --data-dir DIR      tfds data_dir (passed as --config.data.data_dir=DIR)
-  --remote-dir DIR    ddnn_jax checkout on the nodes (default: this checkout,
+  --config PATH       config file, relative to --remote_dir (default: $DEFAULT_CONFIG)
+  --data_dir DIR      tfds data_dir (passed as --config.data.data_dir=DIR)
+  --remote_dir DIR    ddnn_jax checkout on the nodes (default: this checkout,
                       $REPO_ROOT, i.e. a shared filesystem)
   --python PATH       python on the nodes (default: python3; e.g. a venv's bin/python)
   --env KEY=VALUE     environment variable for every process (repeatable),
                       e.g. --env NCCL_DEBUG=WARN
-  --dry-run           print the ssh commands, one per line, instead of running them
+  --dry_run           print the ssh commands, one per line, instead of running them
   -h, --help          show this help
 
 --config.KEY=VALUE overrides and everything after '--' go to ddnn_jax.main unchanged.
 Example:
   $PROG --nodes gpu01,gpu02 --workdir /shared/ddnn/r50 \\
-    --data-dir /shared/tensorflow_datasets --config.train.num_epochs=120
+    --data_dir /shared/tensorflow_datasets --config.train.num_epochs=120
 EOF
 }
 
@@ -135,23 +135,25 @@ set_option() {  # set_option NAME VALUE
     --coordinator) COORDINATOR=$2 ;;
     --config) CONFIG=$2 ;;
     --workdir) WORKDIR=$2 ;;
-    --data-dir) DATA_DIR=$2 ;;
-    --remote-dir) REMOTE_DIR=$2 ;;
+    --data_dir) DATA_DIR=$2 ;;
+    --remote_dir) REMOTE_DIR=$2 ;;
     --python) PYTHON=$2 ;;
     --env)
       [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env wants KEY=VALUE, got '$2'"
       ENVS+=("$2") ;;
-    --dry-run) die "option $1 takes no value" ;;
+    --dry_run) die "option $1 takes no value" ;;
     *) die "unknown option '$1'" ;;
   esac
   [[ -n $2 ]] || die "option $1 needs a value"
 }
 
 parse_args() {
+  canonical_flags "$@"
+  set -- "${CANONICAL[@]}"
   while (($#)); do
     case $1 in
       -h | --help) usage; exit 0 ;;
-      --dry-run) DRY_RUN=1 ;;
+      --dry_run) DRY_RUN=1 ;;
       --*)
         parse_common "$@"
         shift "$((CONSUMED - 1))" ;;

@@ -21,6 +21,25 @@ quote() {
   printf '%s' "${out% }"
 }
 
+# canonical_flags ARGS...: sets CANONICAL to ARGS with every option name before `--`
+# spelled with underscores (--data-dir -> --data_dir), the one spelling of every ddnn_jax
+# tool; the hyphenated spelling stays accepted. --config.* overrides and values are kept.
+# shellcheck disable=SC2034  # CANONICAL is the caller's.
+canonical_flags() {
+  CANONICAL=()
+  local arg name passthrough=0
+  for arg in "$@"; do
+    if ((passthrough)) || [[ $arg != --?* || $arg == --config.* ]]; then
+      [[ $arg == -- ]] && passthrough=1
+      CANONICAL+=("$arg")
+      continue
+    fi
+    name=${arg%%=*}
+    name=${name:2}
+    CANONICAL+=("--${name//-/_}${arg:$((${#name} + 2))}")
+  done
+}
+
 # parse_common ARGS...: for $1 starting with --, the options every launcher takes:
 # --config.x=y overrides (passed to ddnn_jax.main), `--` then arguments passed
 # through verbatim, and --name=value / --name value for the caller's set_option.

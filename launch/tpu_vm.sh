@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create a Cloud TPU VM (single host or pod slice), install ddnn_jax on every
 # worker and start training. Every `gcloud` command goes through gcloud_tpu(),
-# so --dry-run prints exactly what would run.
+# so --dry_run prints exactly what would run.
 set -euo pipefail
 
 readonly PROG="${0##*/}"
@@ -22,9 +22,9 @@ usage() {
 Usage: $PROG SUBCOMMAND [options] [--config.KEY=VALUE ...] [-- EXTRA_MAIN_FLAGS ...]
 
 Subcommands:
-  create        create the TPU VM (needs --accelerator-type)
-  install       install ddnn_jax + jax[tpu] on all workers (git clone, or --copy-local)
-  prepare-data  build ImageNet as ArrayRecord into --data-dir with tfds, on worker 0
+  create        create the TPU VM (needs --accelerator_type)
+  install       install ddnn_jax + jax[tpu] on all workers (git clone, or --copy_local)
+  prepare-data  build ImageNet as ArrayRecord into --data_dir with tfds, on worker 0
   train         start training under nohup on all workers (needs --workdir)
   tail          follow a log (worker 0 by default; --worker all for every worker)
   stop          stop training on all workers: SIGTERM, the run saves a checkpoint and exits
@@ -35,28 +35,28 @@ Options:
   --name NAME              TPU VM name (required)
   --zone ZONE              e.g. us-central2-b (default: gcloud's compute/zone)
   --project PROJECT        GCP project (default: gcloud's core/project)
-  --accelerator-type TYPE  e.g. v4-8, v3-32, v5litepod-16
+  --accelerator_type TYPE  e.g. v4-8, v3-32, v5litepod-16
   --version VERSION        TPU software version (default: tpu-ubuntu2204-base;
                            v5e wants v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5)
   --spot | --preemptible   create a Spot / preemptible TPU
   --repo URL               git repo to clone (default: $DEFAULT_REPO)
   --branch BRANCH          git branch or tag (default: main)
-  --copy-local             install from this checkout (scp a tarball) instead of git
+  --copy_local             install from this checkout (scp a tarball) instead of git
   --config PATH            config file, relative to the repo (default: $DEFAULT_CONFIG)
   --workdir DIR            checkpoints + metrics; use gs://... on multi-host slices
-  --data-dir DIR           tfds data_dir, e.g. gs://BUCKET/tensorflow_datasets
+  --data_dir DIR           tfds data_dir, e.g. gs://BUCKET/tensorflow_datasets
                            (passed as --config.data.data_dir=DIR)
-  --manual-dir DIR         prepare-data: folder holding ILSVRC2012_img_{train,val}.tar
+  --manual_dir DIR         prepare-data: folder holding ILSVRC2012_img_{train,val}.tar
   --log train|prepare-data tail: which log to follow (default: train)
   --worker N|all           tail: which worker (default: 0)
   --yes                    delete: do not ask for confirmation
-  --dry-run                print the commands, one per line, instead of running them
+  --dry_run                print the commands, one per line, instead of running them
   -h, --help               show this help
 
 --config.KEY=VALUE overrides and everything after '--' go to ddnn_jax.main unchanged.
 Example:
-  $PROG all --name ddnn-v4 --zone us-central2-b --accelerator-type v4-8 \\
-    --workdir gs://my-bucket/ddnn/r50 --data-dir gs://my-bucket/tensorflow_datasets \\
+  $PROG all --name ddnn-v4 --zone us-central2-b --accelerator_type v4-8 \\
+    --workdir gs://my-bucket/ddnn/r50 --data_dir gs://my-bucket/tensorflow_datasets \\
     --config.train.num_epochs=120
 EOF
 }
@@ -88,7 +88,7 @@ tpu_ssh() {  # tpu_ssh WORKER REMOTE_COMMAND
 # --- subcommands -------------------------------------------------------------
 
 cmd_create() {
-  [[ -n $ACCEL ]] || die "create needs --accelerator-type (e.g. v4-8)"
+  [[ -n $ACCEL ]] || die "create needs --accelerator_type (e.g. v4-8)"
   local -a args=("$NAME" "--accelerator-type=$ACCEL" "--version=$VERSION")
   ((SPOT)) && args+=(--spot)
   ((PREEMPTIBLE)) && args+=(--preemptible)
@@ -112,12 +112,12 @@ python3 -m pip install -q -e $REMOTE_DIR 'jax[tpu]' gcsfs google-cloud-storage -
 }
 
 cmd_prepare_data() {
-  [[ -n $DATA_DIR ]] || die "prepare-data needs --data-dir (e.g. gs://BUCKET/tensorflow_datasets)"
-  [[ -n $MANUAL_DIR ]] || die "prepare-data needs --manual-dir (folder with ILSVRC2012_img_{train,val}.tar)"
+  [[ -n $DATA_DIR ]] || die "prepare-data needs --data_dir (e.g. gs://BUCKET/tensorflow_datasets)"
+  [[ -n $MANUAL_DIR ]] || die "prepare-data needs --manual_dir (folder with ILSVRC2012_img_{train,val}.tar)"
   note "recipe: 1) download ILSVRC2012_img_train.tar + ILSVRC2012_img_val.tar from image-net.org;"
   note "        2) gcloud storage cp ILSVRC2012_img_*.tar $MANUAL_DIR/  (the TPU's service account needs read+write);"
   note "        3) this runs 'tfds build' on worker 0 under nohup (hours): follow it with '$PROG tail --log prepare-data';"
-  note "        4) train with --data-dir $DATA_DIR"
+  note "        4) train with --data_dir $DATA_DIR"
   local build
   build="tfds build imagenet2012 --data_dir=$(quote "$DATA_DIR") --manual_dir=$(quote "$MANUAL_DIR") --file_format=array_record"
   # tensorflow is only needed to build (image re-encoding), not to train.
@@ -181,30 +181,32 @@ set_option() {  # set_option NAME VALUE
     --name) NAME=$2 ;;
     --zone) ZONE=$2 ;;
     --project) PROJECT=$2 ;;
-    --accelerator-type) ACCEL=$2 ;;
+    --accelerator_type) ACCEL=$2 ;;
     --version) VERSION=$2 ;;
     --repo) REPO=$2 ;;
     --branch) BRANCH=$2 ;;
     --config) CONFIG=$2 ;;
     --workdir) WORKDIR=$2 ;;
-    --data-dir) DATA_DIR=$2 ;;
-    --manual-dir) MANUAL_DIR=$2 ;;
+    --data_dir) DATA_DIR=$2 ;;
+    --manual_dir) MANUAL_DIR=$2 ;;
     --log) LOG=$2 ;;
     --worker) TAIL_WORKER=$2 ;;
-    --dry-run | --spot | --preemptible | --copy-local | --yes) die "option $1 takes no value" ;;
+    --dry_run | --spot | --preemptible | --copy_local | --yes) die "option $1 takes no value" ;;
     *) die "unknown option '$1'" ;;
   esac
   [[ -n $2 ]] || die "option $1 needs a value"
 }
 
 parse_args() {
+  canonical_flags "$@"
+  set -- "${CANONICAL[@]}"
   while (($#)); do
     case $1 in
       -h | --help) usage; exit 0 ;;
-      --dry-run) DRY_RUN=1 ;;
+      --dry_run) DRY_RUN=1 ;;
       --spot) SPOT=1 ;;
       --preemptible) PREEMPTIBLE=1 ;;
-      --copy-local) COPY_LOCAL=1 ;;
+      --copy_local) COPY_LOCAL=1 ;;
       --yes) YES=1 ;;
       --*)
         parse_common "$@"
@@ -234,7 +236,7 @@ main() {
     delete) cmd_delete ;;
     all)
       # Check train's needs before paying for a TPU.
-      [[ -n $ACCEL ]] || die "all needs --accelerator-type (e.g. v4-8)"
+      [[ -n $ACCEL ]] || die "all needs --accelerator_type (e.g. v4-8)"
       [[ -n $WORKDIR ]] || die "all needs --workdir"
       cmd_create
       cmd_install

@@ -303,7 +303,8 @@ def test_bad_cascade_flags_are_one_line_and_write_nothing(trained, tmp_path):
       (['--max_flops', '5M', '--max_error_increase', '0.1'], 'not allowed with argument'),
       (['--depths', '1-1-1,9-9-9'], 'stage 0 has 9 blocks'),
       (['--stages', '4'], "argument --stages: invalid choice: 4"),
-      (['--max_error_increase', '-1'], '--max_error_increase -1: must be in [0, 100)')):
+      (['--max_error_increase', '-1'], '--max_error_increase -1: must be in [0, 100)'),
+      (['--depths', '3-3-3'], '--depths gives 1 depth: a cascade needs at least 2')):
     assert_one_line_error(tool('cascade', '--workdir', trained, *args), message)
   assert sorted(p.relative_to(trained) for p in trained.rglob('*')) == before
   # A run that held out no validation split: the field is named.
@@ -313,3 +314,20 @@ def test_bad_cascade_flags_are_one_line_and_write_nothing(trained, tmp_path):
   config['data']['validation_examples'] = 0
   (copy / 'config.json').write_text(json.dumps(config))
   assert_one_line_error(tool('cascade', '--workdir', copy), 'data.validation_examples=0')
+
+
+def test_a_front_of_the_full_net_alone_is_one_line_before_the_cascades(trained, monkeypatch):
+  """With no smaller depth on the validation front no chain is left: a UsageError (one
+  line, exit 2) before latencies and cascades are measured, never a traceback."""
+  from ddnn_jax import cascade, cli, deploy, inference  # pylint: disable=g-import-not-at-top
+  real_front = deploy.pareto_front
+  monkeypatch.setattr(deploy, 'pareto_front',
+                      lambda points: [max(range(len(points)), key=lambda i: points[i][0])])
+  measured = []
+  monkeypatch.setattr(inference.LatencyTable, 'measure',
+                      lambda *a, **k: measured.append(a) or 1.0)
+  with pytest.raises(cli.UsageError, match='no cascade is left: the validation front of .* '
+                     'keeps only the full net 3-3-3'):
+    cascade.main(['--workdir', str(trained), '--calib_examples', str(CALIB)])
+  assert not measured
+  assert real_front([(1, 2), (2, 1)]) == [0, 1]

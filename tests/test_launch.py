@@ -113,6 +113,20 @@ def test_tpu_all(env):
   assert '~/ddnn_jax_logs/train.log' in remote_train
 
 
+def test_flags_are_spelled_with_underscores_and_hyphens_alike(env):
+  """--data_dir is the spelling of every ddnn_jax tool; --data-dir stays accepted; what
+  follows `--` and --config.* overrides are passed on untouched."""
+  args = ['all', *TPU_BASE, '--workdir', 'gs://bucket/run1', '--config.model.name=a-b',
+          '--', '--extra-flag=1']
+  underscored = _dry_run(TPU, [*args[:1], '--accelerator_type', 'v3-32',
+                               '--data_dir=gs://bucket/tfds', *args[1:]], env)
+  hyphenated = _dry_run(TPU, [*args[:1], '--accelerator-type', 'v3-32',
+                              '--data-dir=gs://bucket/tfds', *args[1:]], env)
+  assert underscored == hyphenated
+  assert any('--extra-flag=1' in ' '.join(line) for line in underscored)
+  assert any('--config.model.name=a-b' in ' '.join(line) for line in underscored)
+
+
 def test_tpu_install_from_git_branch(env):
   (install,) = _dry_run(
       TPU, ['install', *TPU_BASE, '--repo', 'https://example.com/me/fork.git', '--branch', 'dev'],
@@ -175,10 +189,10 @@ def test_tpu_stop_and_delete(env):
     (['create', '--zone', 'z', '--accelerator-type', 'v4-8'], 'missing required option --name'),
     ([*TPU_BASE], 'missing SUBCOMMAND'),
     (['launch', *TPU_BASE], "unknown subcommand 'launch'"),
-    (['create', *TPU_BASE], 'needs --accelerator-type'),
+    (['create', *TPU_BASE], 'needs --accelerator_type'),
     (['train', *TPU_BASE], 'needs --workdir'),
     (['all', *TPU_BASE, '--accelerator-type', 'v4-8'], 'needs --workdir'),
-    (['prepare-data', *TPU_BASE, '--data-dir', 'gs://b/d'], 'needs --manual-dir'),
+    (['prepare-data', *TPU_BASE, '--data-dir', 'gs://b/d'], 'needs --manual_dir'),
     (['train', *TPU_BASE, '--workdir'], 'option --workdir needs a value'),
     (['create', *TPU_BASE, '--accelerator-type=v4-8', '--spot', '--preemptible'],
      'mutually exclusive'),
@@ -314,7 +328,7 @@ def test_gpu_bad_arguments(env, args, message):
 def test_help(env, script):
   proc = _run(script, ['--help'], env)
   assert proc.returncode == 0 and proc.stdout.startswith('Usage:')
-  assert '--dry-run' in proc.stdout
+  assert '--dry_run' in proc.stdout
 
 
 @pytest.mark.slow
