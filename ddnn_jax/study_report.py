@@ -310,7 +310,8 @@ def _curves(study: Study, names: Sequence[str]) -> bytes | None:
       ax.set_ylabel('validation error (%), mean over seeds')
     ax.set_ylim(top=min(30.0, ax.get_ylim()[1]))
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
   return reporting.figure_png(fig, canvas)
 
 
