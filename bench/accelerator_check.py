@@ -18,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddnn_jax import cpu_defaults  # noqa: E402
+from ddnn_jax.cpu import device_count  # noqa: E402
 
 ARGS = None
 
@@ -38,7 +38,8 @@ def _step_figures(label, model, depths, image_shape, batch, mesh, steps_timed):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from ddnn_jax import parallel, steps  # pylint: disable=g-import-not-at-top
+  from ddnn_jax import steps  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.core import parallel  # pylint: disable=g-import-not-at-top
   state = parallel.replicate(steps.create_train_state(
       jax.random.key(0), model, depths, optax.sgd(0.01, momentum=0.9), image_shape), mesh)
   rng = np.random.default_rng(0)
@@ -72,7 +73,8 @@ def _sharded_equals_unsharded(model, depths, image_shape, batch):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from ddnn_jax import parallel, steps  # pylint: disable=g-import-not-at-top
+  from ddnn_jax import steps  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.core import parallel  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   host = {'image': rng.normal(size=(batch, *image_shape)).astype(np.float32),
           'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
@@ -96,10 +98,11 @@ def main():
   if args.tiny:  # Smoke sizes compile in a fraction of the time at XLA's -O0.
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                                + ' --xla_backend_optimization_level=0').strip()
-  cpu_defaults.apply(training=True)
+  device_count.apply_for_training()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddnn_jax import models, parallel  # pylint: disable=g-import-not-at-top
+  from ddnn_jax import models  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.core import parallel  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   devices = jax.devices()
   _line('devices', f'{len(devices)} x {devices[0].platform} ({devices[0].device_kind})')

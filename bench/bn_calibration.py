@@ -18,9 +18,9 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddnn_jax import cpu_defaults  # noqa: E402
+from ddnn_jax.cpu import defaults  # noqa: E402
 
-cpu_defaults.apply()
+defaults.apply()
 
 from ddnn_jax import inference, models  # noqa: E402
 

@@ -18,7 +18,7 @@ ddnn_jax's step:
   bf16       bfloat16 compute, float32 parameters (model.dtype)
   onednn     oneDNN's convolutions, and a warning if they cannot run (DDNN_JAX_ONEDNN=1)
   xlaconv    XLA's own convolutions (DDNN_JAX_ONEDNN=0)
-  autodiffbn flax's BatchNorm and autodiff, not ddnn_jax.batchnorm's (DDNN_JAX_FUSED_BN=0)
+  autodiffbn flax's BatchNorm and autodiff, not ddnn_jax.cpu.batchnorm's (DDNN_JAX_FUSED_BN=0)
   xla=FLAGS  other XLA flags
   env=N=V    the environment variable N set to V (e.g. env=OMP_WAIT_POLICY=passive)
 Prints per variant the median img/s, its ratio to each PyTorch reference measured, and
@@ -37,14 +37,14 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from ddnn_jax import cpu_defaults  # noqa: E402  (plain Python: no jax imported here)
+from ddnn_jax.cpu import defaults  # noqa: E402  (plain Python: no jax imported here)
 NETS = {  # full net, sub-nets: the sets the issue measured.
     'resnet20': ('3,3,3', ['1,1,1', '2,2,2']),
     'resnet56': ('9,9,9', ['3,3,3', '5,5,5', '7,7,7']),
 }
 
 
-TCMALLOC = next((p for p in cpu_defaults.TCMALLOC_PATHS if os.path.exists(p)), None)
+TCMALLOC = next((p for p in defaults.TCMALLOC_PATHS if os.path.exists(p)), None)
 
 
 GEMM = """
@@ -62,7 +62,7 @@ print(2 * 4096 ** 3 * 5 / (time.perf_counter() - start))
 
 def gemm_flops_per_s() -> float:
   """FLOP/s of a float32 4096x4096 matmul under XLA, with ddnn_jax's CPU flags."""
-  env = {**os.environ, 'XLA_FLAGS': cpu_defaults.YNN_FUSION}
+  env = {**os.environ, 'XLA_FLAGS': defaults.YNN_FUSION}
   out = subprocess.run([sys.executable, '-c', GEMM], check=True, capture_output=True, text=True,
                        timeout=600, env=env)
   return float(out.stdout.split()[-1])
@@ -86,7 +86,7 @@ def measure(variant, args, out):
       if part == 'baseline':
         pass
       elif part == 'ynn':
-        flags.append(cpu_defaults.YNN_FUSION)
+        flags.append(defaults.YNN_FUSION)
       elif part.startswith('dev'):
         devices = int(part[3:])
       elif part == 'tcmalloc':

@@ -1,7 +1,7 @@
 """Where the convolution time goes: a ResNet stage's 3x3 convolution, forward, input
 gradient and weight gradient, as XLA compiles it, as the rewrites one could make instead
 (im2col patches + one dot; nine shifted dots), as ddnn_jax's oneDNN custom calls run it
-(ddnn_jax/onednn.py, where built), and as PyTorch's oneDNN runs it.
+(ddnn_jax/cpu/onednn.py, where built), and as PyTorch's oneDNN runs it.
 
   python bench/conv_kernels.py [--batch 32 --shapes 32x16,16x32,8x64 --rounds 3]
       [--torch_python /tmp/torchref/bin/python]
@@ -23,14 +23,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddnn_jax import cpu_defaults  # noqa: E402
+from ddnn_jax.cpu import defaults  # noqa: E402
 
-cpu_defaults.apply()
+defaults.apply()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ddnn_jax import onednn, parallel  # noqa: E402
+from ddnn_jax.core import parallel  # noqa: E402
+from ddnn_jax.cpu import onednn  # noqa: E402
 
 NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -85,7 +86,7 @@ ONEDNN_KERNELS = {
     'oneDNN input grad': lambda x, w, g: jax.vjp(lambda x: onednn_conv(x, w), x)[1](g)[0],
     'oneDNN weight grad': lambda x, w, g: jax.vjp(lambda w: onednn_conv(x, w), w)[1](g)[0],
 }
-if onednn.active():  # ddnn_jax's convolutions (ddnn_jax/onednn.py), where built.
+if onednn.active():  # ddnn_jax's convolutions (ddnn_jax/cpu/onednn.py), where built.
   KERNELS.update(ONEDNN_KERNELS)
 HLO_MARKS = {'convolution': r' convolution\(', 'dot': r' dot\(',
              'onednn_fusion': r'%onednn_fusion[.\d]* = ', 'ynn_fusion': r'%ynn_fusion[.\d]* = ',

@@ -14,9 +14,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddnn_jax import cpu_defaults  # noqa: E402
+from ddnn_jax.cpu import defaults  # noqa: E402
 
-cpu_defaults.apply()
+defaults.apply()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -10,7 +10,7 @@ without its numeric suffix: convolutions, `transpose_copy_fusion` (the weight
 gradients' input transposes), `loop_*_fusion` (elementwise chains), reductions, ...)
 and the slowest single ops. Op time can exceed wall time when ops run concurrently.
 Measures and prints; asserts nothing. DDNN_JAX_CPU_DEFAULTS=0 profiles without the CPU
-defaults of ddnn_jax/cpu_defaults.py.
+defaults of ddnn_jax/cpu/defaults.py.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ if TRACEME not in os.environ.get('XLA_FLAGS', ''):  # Not again after the tcmall
   os.environ['XLA_FLAGS'] = ' '.join(filter(None, [
       os.environ.get('XLA_FLAGS', ''), ARGS.xla_flags, TRACEME]))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddnn_jax import cpu_defaults  # noqa: E402
+from ddnn_jax.cpu import defaults  # noqa: E402
 
-cpu_defaults.reexec_with_tcmalloc()
-cpu_defaults.apply()  # Flags only: one device, so op times are not split over devices.
+defaults.reexec_with_tcmalloc()
+defaults.apply()  # Flags only: one device, so op times are not split over devices.
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

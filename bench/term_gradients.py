@@ -24,12 +24,13 @@ def main() -> None:
   parser.add_argument('--mode', default='ekd')
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
-  from ddnn_jax import config_lib, cpu_defaults, records  # pylint: disable=g-import-not-at-top
+  from ddnn_jax import config_lib, records  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.cpu import device_count  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(args.config)
   config.mode = args.mode
   if not config.train.term_gradients_every_steps:
     config.train.term_gradients_every_steps = config.train.log_every_steps
-  cpu_defaults.apply(training=True, batch_size=config.train.batch_size)
+  device_count.apply_for_training(config.train.batch_size)
   import jax  # pylint: disable=g-import-not-at-top
   from ddnn_jax import train  # pylint: disable=g-import-not-at-top
   measured = train.measure_step_seconds(config, repeats=args.repeats)

@@ -59,18 +59,20 @@ os.environ['XLA_FLAGS'] = ' '.join(filter(None, [
     os.environ.get('XLA_FLAGS', ''), ARGS.xla_flags,
     f'--xla_force_host_platform_device_count={ARGS.devices}' if ARGS.devices else '']))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddnn_jax import cpu_defaults  # noqa: E402
+from ddnn_jax.cpu import defaults, device_count  # noqa: E402
 
 # As python -m ddnn_jax.main does (DDNN_JAX_CPU_DEFAULTS=0: neither).
-cpu_defaults.reexec_with_tcmalloc()
-cpu_defaults.apply(training=True, batch_size=ARGS.batch)
+defaults.reexec_with_tcmalloc()
+device_count.apply_for_training(ARGS.batch)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from ddnn_jax import flops, models, onednn, parallel, steps  # noqa: E402
+from ddnn_jax import flops, models, steps  # noqa: E402
+from ddnn_jax.core import parallel  # noqa: E402
+from ddnn_jax.cpu import onednn  # noqa: E402
 
 
 def xla_flops(make_jitted, mesh, *args) -> float:

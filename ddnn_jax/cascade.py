@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from ddnn_jax import cascading, cli, deploy, errors, flops, inference, models, reporting
+from ddnn_jax import cascading, cli, deploy, flops, inference, models
+from ddnn_jax.core import errors, file_io
 
 GRID = {2: 200, 3: 40}  # Thresholds tried per stage, by cascade length.
 MAX_ENUMERATED = 64  # 'front' evaluates every depth of nets with at most this many.
@@ -55,7 +56,7 @@ def candidate_depths(run: inference.TrainedRun, spec: str) -> tuple[list[models.
     return deploy.parse_depths(run, spec), 'listed'
   if math.prod(run.full_depth) <= MAX_ENUMERATED:
     return run.all_depths(), 'front'  # Narrowed to the front once evaluated.
-  rows = [r for r in reporting.read_csv(str(epath.Path(run.workdir) / 'search' / 'pareto.csv'))
+  rows = [r for r in file_io.read_csv(str(epath.Path(run.workdir) / 'search' / 'pareto.csv'))
           if r.get('front') == 'flops' and r.get('selected_on', 'validation') == 'validation'
           and int(r['step']) == run.step]
   if not rows:
@@ -291,18 +292,18 @@ def _report(run, out, rows, depths, static, sizes, calibration_rows, score, args
                 'validation_top1_error': full_val, 'test_top1_error': full_test},
       calibration=calibration_rows)
   out.mkdir(parents=True, exist_ok=True)
-  reporting.atomic_write(str(out / 'candidates.csv'),
-                         reporting.csv_text(rows, CANDIDATE_FIELDS).encode())
-  reporting.atomic_write(str(out / 'front.csv'), reporting.csv_text(front, CANDIDATE_FIELDS).encode())
-  reporting.atomic_write(str(out / 'budgets.csv'), reporting.csv_text(
+  file_io.atomic_write(str(out / 'candidates.csv'),
+                       file_io.csv_text(rows, CANDIDATE_FIELDS).encode())
+  file_io.atomic_write(str(out / 'front.csv'), file_io.csv_text(front, CANDIDATE_FIELDS).encode())
+  file_io.atomic_write(str(out / 'budgets.csv'), file_io.csv_text(
       budgets, list(budgets[0])).encode())
-  reporting.atomic_write(str(out / 'calibration.csv'), reporting.csv_text(
+  file_io.atomic_write(str(out / 'calibration.csv'), file_io.csv_text(
       calibration_rows, list(calibration_rows[0])).encode())
-  reporting.atomic_write(str(out / 'chosen.json'), json.dumps(summary, indent=2).encode())
+  file_io.atomic_write(str(out / 'chosen.json'), json.dumps(summary, indent=2).encode())
   title = (f'{run.config.model.arch} on {run.config.data.dataset}, step {run.step}: '
            f'{len(rows)} cascades of {len(depths)} depths ({score}); chosen on validation')
-  reporting.atomic_write(str(out / 'front.png'), _plot(front, static_depths, static, sizes,
-                                                       chosen, title))
+  file_io.atomic_write(str(out / 'front.png'), _plot(front, static_depths, static, sizes,
+                                                     chosen, title))
   lines = [title, '',
            '| depth | FLOPs (M) | val err | test err | T | ECE before | ECE after |',
            '|---|---|---|---|---|---|---|']
@@ -335,7 +336,7 @@ def _report(run, out, rows, depths, static, sizes, calibration_rows, score, args
 
 
 def _plot(front, static_depths, static, sizes, chosen, title) -> bytes:
-  fig, canvas = reporting.new_figure((7, 4.8))
+  fig, canvas = file_io.new_figure((7, 4.8))
   ax = fig.add_subplot()
   sx = [sizes[d] / 1e6 for d in static_depths]
   sy = [static[d]['test'] for d in static_depths]
@@ -356,7 +357,7 @@ def _plot(front, static_depths, static, sizes, chosen, title) -> bytes:
   ax.set_title(title, fontsize=9)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=8)
-  return reporting.figure_png(fig, canvas)
+  return file_io.figure_png(fig, canvas)
 
 
 if __name__ == '__main__':

@@ -34,7 +34,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from ddnn_jax import errors, flops, inference, models
+from ddnn_jax import flops, inference, models
+from ddnn_jax.core import errors
 
 SCORES = ('maxprob', 'margin', 'entropy')
 TRUNKS = ('recompute', 'reuse')
@@ -322,11 +323,11 @@ def _read_cache(path: epath.Path, tag: str):
 
 def _write_cache(path: epath.Path, logits: np.ndarray, labels: np.ndarray, tag: str) -> None:
   import io  # pylint: disable=g-import-not-at-top
-  from ddnn_jax import reporting  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.core import file_io  # pylint: disable=g-import-not-at-top
   path.parent.mkdir(parents=True, exist_ok=True)
   buf = io.BytesIO()
   np.savez(buf, logits=logits, labels=labels, tag=np.asarray(tag))
-  reporting.atomic_write(str(path), buf.getvalue())
+  file_io.atomic_write(str(path), buf.getvalue())
 
 
 # --- the chosen cascade: a file, and its real early exit -------------------------------------

@@ -21,7 +21,7 @@ from absl import logging
 from etils import epath
 
 from ddnn_jax import divergence
-from ddnn_jax.errors import UsageError
+from ddnn_jax.core.errors import UsageError
 
 CHECKPOINT_DIR = 'checkpoints'
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 
-from ddnn_jax import errors
+from ddnn_jax.core import errors
 
 T = TypeVar('T')
 ArgumentTypeError = argparse.ArgumentTypeError
@@ -109,8 +109,8 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
   its kinds) ends as one ``error:`` line with exit code 2."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it reads, tfds its decoder.
-  from ddnn_jax import cpu_defaults  # pylint: disable=g-import-not-at-top
-  cpu_defaults.apply()
+  from ddnn_jax.cpu import defaults  # pylint: disable=g-import-not-at-top
+  defaults.apply()
   try:
     return main(argv)
   except errors.UsageError as err:

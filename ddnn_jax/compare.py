@@ -28,8 +28,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ddnn_jax import cli, comparison, reporting
+from ddnn_jax import cli, comparison
 from ddnn_jax.comparison import DEFAULT_DIFFS, SPLIT_COLUMNS
+from ddnn_jax.core import file_io
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               nearest=args.paper is None)
   os.makedirs(args.out, exist_ok=True)
   for name, content in result.files.items():
-    reporting.atomic_write(os.path.join(args.out, name), content)
+    file_io.atomic_write(os.path.join(args.out, name), content)
   print(result.markdown, end='')
   print(f'wrote {", ".join(os.path.join(args.out, n) for n in result.files)}')
 

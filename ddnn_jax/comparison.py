@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_jax import cli, losses, models, paper, reporting, stats
+from ddnn_jax import cli, losses, models, paper, stats
+from ddnn_jax.core import file_io
 
 # Fields that must agree for runs to compare: what is trained, on what, for how long.
 SAME = ('dataset', 'arch', 'width', 'num_epochs', 'train_subset', 'validation_examples',
@@ -39,7 +40,7 @@ def read_run(workdir: str, split: str = 'test') -> dict[str, Any]:
     raise cli.UsageError(f'{workdir} has no results.csv: the run has not finished')
   with open(config_path, encoding='utf-8') as f:
     config = json.load(f)
-  rows = reporting.read_csv(results_path)
+  rows = file_io.read_csv(results_path)
   if not rows:
     raise cli.UsageError(f'{results_path} holds no results')
   column = SPLIT_COLUMNS[split]
@@ -227,12 +228,12 @@ def format_csv(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> str:
                     'params': r['params'], 'flops': r['flops'], 'mode': mode, 'seeds': s.n,
                     'top1_error_mean': round(s.mean, 4), 'top1_error_std': round(s.std, 4),
                     'best_supported': mode == best})
-  return reporting.csv_text(out, CSV_FIELDS)
+  return file_io.csv_text(out, CSV_FIELDS)
 
 
 def format_diffs_csv(diffs: dict[tuple[models.Depth, str, str], stats.Difference]) -> str:
   rnd = lambda v: None if v is None else round(v, 4)  # noqa: E731
-  return reporting.csv_text([
+  return file_io.csv_text([
       {'depth': models.format_depth(depth), 'a': a, 'b': b, 'n': d.n,
        'mean_a_minus_b': rnd(d.mean), 'ci95_low': rnd(d.low), 'ci95_high': rnd(d.high),
        'supported': d.supported, 'seeds': ' '.join(map(str, d.seeds))}
@@ -246,7 +247,7 @@ def _tick(r: dict[str, Any]) -> str:
 
 def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], title: str, split: str) -> bytes:
   """Grouped bars: error per depth (groups) and mode (bars), std over seeds as error bars."""
-  fig, canvas = reporting.new_figure((max(6.0, 1.6 * len(rows) + 2), 4.5))
+  fig, canvas = file_io.new_figure((max(6.0, 1.6 * len(rows) + 2), 4.5))
   ax = fig.add_subplot()
   width = 0.8 / max(len(modes), 1)
   x = np.arange(len(rows))
@@ -264,14 +265,14 @@ def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], title: str, split
   ax.set_title(title, fontsize=10)
   ax.grid(True, axis='y', alpha=0.3)
   ax.legend(fontsize=8)
-  return reporting.figure_png(fig, canvas)
+  return file_io.figure_png(fig, canvas)
 
 
 def plot_differences(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]],
                      diffs: dict[tuple[models.Depth, str, str], stats.Difference],
                      title: str) -> bytes:
   """Each paired difference per depth with its 95% interval; below zero: a beats b."""
-  fig, canvas = reporting.new_figure((max(6.0, 1.4 * len(rows) + 2), 4.0))
+  fig, canvas = file_io.new_figure((max(6.0, 1.4 * len(rows) + 2), 4.0))
   ax = fig.add_subplot()
   x = np.arange(len(rows))
   offsets = np.linspace(-0.25, 0.25, len(pairs)) if len(pairs) > 1 else [0.0]
@@ -290,7 +291,7 @@ def plot_differences(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, 
   ax.set_title(title, fontsize=10)
   ax.grid(True, axis='y', alpha=0.3)
   ax.legend(fontsize=8)
-  return reporting.figure_png(fig, canvas)
+  return file_io.figure_png(fig, canvas)
 
 
 def parse_paper(text: str | None) -> paper.Group | None:

@@ -23,7 +23,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from ddnn_jax import data, datasets, errors, losses, models
+from ddnn_jax import data, datasets, losses, models
+from ddnn_jax.core import errors
 
 # Fields that define a run: resuming a workdir with other values is refused.
 RUN_IDENTITY = ('mode', 'model.arch', 'model.subnets', 'model.width', 'model.widths',

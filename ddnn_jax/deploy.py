@@ -16,7 +16,8 @@ from typing import Any
 
 from etils import epath
 
-from ddnn_jax import cli, errors, flops, inference, models, reporting
+from ddnn_jax import cli, flops, inference, models
+from ddnn_jax.core import errors, file_io
 
 EVALUATION_DIR = 'evaluation'
 FIELDS = ('step', 'depth', 'name', 'blocks', 'params', 'flops', 'latency_ms_batch_1',
@@ -138,7 +139,7 @@ def evaluation_path(workdir: str, split: str, suffix: str = 'csv') -> epath.Path
 
 def read_rows(workdir: str, split: str) -> list[dict[str, str]]:
   """The rows ``python -m ddnn_jax.evaluate`` wrote for ``split`` (every step)."""
-  return reporting.read_csv(str(evaluation_path(workdir, split)))
+  return file_io.read_csv(str(evaluation_path(workdir, split)))
 
 
 def evaluate_depths(run: inference.TrainedRun, depths: Sequence[models.Depth], split: str,
@@ -225,7 +226,7 @@ def format_table(rows: Sequence[dict[str, Any]], latency_batch: int) -> str:
 
 
 def _plot(rows: Sequence[dict[str, Any]], title: str) -> bytes:
-  fig, canvas = reporting.new_figure((6.5, 4.5))
+  fig, canvas = file_io.new_figure((6.5, 4.5))
   ax = fig.add_subplot()
   for bn, marker, label in (('own', 'o', 'trained (own BN statistics)'),
                             ('recalibrated', '.', 'not trained (BN recalibrated)')):
@@ -242,7 +243,7 @@ def _plot(rows: Sequence[dict[str, Any]], title: str) -> bytes:
   ax.set_title(title)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=8)
-  return reporting.figure_png(fig, canvas)
+  return file_io.figure_png(fig, canvas)
 
 
 def write_evaluation(run: inference.TrainedRun, split: str, rows: Sequence[dict[str, Any]],
@@ -251,10 +252,10 @@ def write_evaluation(run: inference.TrainedRun, split: str, rows: Sequence[dict[
   paths['csv'].parent.mkdir(parents=True, exist_ok=True)
   title = (f'{run.config.model.arch} on {run.config.data.dataset} ({split}), step {run.step}, '
            f'{inference.backend_key()}')
-  reporting.atomic_write(str(paths['csv']), reporting.csv_text(rows, FIELDS).encode())
-  reporting.atomic_write(str(paths['md']), (f'# {title}\n\n' +
-                                            format_table(rows, latency_batch)).encode())
-  reporting.atomic_write(str(paths['png']), _plot(rows, title))
+  file_io.atomic_write(str(paths['csv']), file_io.csv_text(rows, FIELDS).encode())
+  file_io.atomic_write(str(paths['md']), (f'# {title}\n\n' +
+                                          format_table(rows, latency_batch)).encode())
+  file_io.atomic_write(str(paths['png']), _plot(rows, title))
   return paths
 
 

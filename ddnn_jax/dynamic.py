@@ -24,7 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddnn_jax import cascading, deploy, errors, inference, models, steps
+from ddnn_jax import cascading, deploy, inference, models, steps
+from ddnn_jax.core import errors
 
 
 @dataclasses.dataclass(frozen=True)

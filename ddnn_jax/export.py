@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ddnn_jax import cascading, cli, deploy, errors, flops, inference, models, steps
+from ddnn_jax import cascading, cli, deploy, flops, inference, models, steps
+from ddnn_jax.core import errors
 
 # What a process loading an artifact imports, and what to pip install for it.
 REQUIREMENTS = {

@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddnn_jax import models, onednn
+from ddnn_jax import models
+from ddnn_jax.cpu import onednn
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddnn_jax import (checkpoints, config_lib, data, datasets, errors, models, reporting, steps,
-                      workdir as workdir_lib)
+from ddnn_jax import checkpoints, config_lib, data, datasets, models, steps, workdir as workdir_lib
+from ddnn_jax.core import errors, file_io
 
 LATENCY_FILE = 'latency.json'
 CALIBRATION_DIR = 'bn_calibration'
@@ -326,7 +326,7 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
 def _atomic_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  reporting.atomic_write(str(path), buf.getvalue())
+  file_io.atomic_write(str(path), buf.getvalue())
 
 
 # --- latency ---------------------------------------------------------------------------
@@ -392,5 +392,5 @@ class LatencyTable:
     return known
 
   def save(self) -> None:
-    reporting.atomic_write(str(self.path),
-                           json.dumps(self.table, indent=2, sort_keys=True).encode())
+    file_io.atomic_write(str(self.path),
+                         json.dumps(self.table, indent=2, sort_keys=True).encode())

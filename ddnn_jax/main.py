@@ -22,8 +22,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddnn_jax import cpu_defaults, errors
 from ddnn_jax.cli import fail
+from ddnn_jax.core import errors
+from ddnn_jax.cpu import defaults, device_count
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
@@ -73,11 +74,10 @@ def main(argv: list[str]) -> None:
     fail('both --config and --workdir are required, e.g. '
          '--config configs/default.py --workdir /tmp/ddnn')
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, tfds its decoder.
-  cpu_defaults.apply(training=True, batch_size=FLAGS.config.train.batch_size,
-                     processes=FLAGS.num_processes or 1)
+  device_count.apply_for_training(FLAGS.config.train.batch_size, FLAGS.num_processes or 1)
   # Imported after flag parsing: jax must not initialise before jax.distributed does.
-  # pylint: disable-next=g-import-not-at-top
-  from ddnn_jax import divergence, parallel, preemption, train
+  from ddnn_jax import divergence, preemption, train  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.core import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, detect=FLAGS.distributed)
   try:
@@ -92,5 +92,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  cpu_defaults.reexec_with_tcmalloc()
+  defaults.reexec_with_tcmalloc()
   app.run(main, flags_parser=parse_flags)

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddnn_jax import batchnorm, onednn
+from ddnn_jax.cpu import batchnorm, onednn
 
 Depth = tuple[int, ...]
 DepthSpec = Union[str, Sequence[int]]
@@ -765,7 +765,7 @@ class DDNN(nn.Module):
       else:
         block_cls = BasicBlock if spec.family == 'resnet_basic' else Bottleneck
       stem_norm = norm('stem_bn', width, active(width))
-      # Training's BatchNorm applies the ReLU in its own passes (ddnn_jax.batchnorm).
+      # Training's BatchNorm applies the ReLU in its own passes (ddnn_jax.cpu.batchnorm).
       fused_relu = isinstance(stem_norm, TrainBatchNorm) and not mobilenet
       x = run(stem_norm, x, everyone, **({'relu': True} if fused_relu else {}))
       if resume_at < 2:  # Else the resumed output already passed the stem's ReLU and pool.

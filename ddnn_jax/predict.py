@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ddnn_jax import cascading, cli, deploy, dynamic, errors, inference, models, reporting
+from ddnn_jax import cascading, cli, deploy, dynamic, inference, models
+from ddnn_jax.core import errors, file_io
 
 
 def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                  **{f'top{i + 1}': names[c] for i, (c, _) in enumerate(top)},
                  **{f'p{i + 1}': f'{p:.6f}' for i, (_, p) in enumerate(top)}})
   if args.out:
-    reporting.atomic_write(args.out, reporting.csv_text(rows, list(rows[0])).encode())
+    file_io.atomic_write(args.out, file_io.csv_text(rows, list(rows[0])).encode())
 
 
 if __name__ == '__main__':

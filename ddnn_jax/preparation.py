@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import datasets, errors
+from ddnn_jax import datasets
+from ddnn_jax.core import errors
 
 # split -> feature -> array with one row per example; 'image' is uint8 NHWC.
 Arrays = dict[str, dict[str, np.ndarray]]

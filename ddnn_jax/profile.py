@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ddnn_jax import cli, config_lib, datasets, flops, models, reporting
+from ddnn_jax import cli, config_lib, datasets, flops, models
+from ddnn_jax.core import file_io
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   rows = [flops.profile_subnet(model, shape, d) for d in subnets]
   table = flops.format_profile_table(arch, rows)
   if args.out:
-    reporting.atomic_write(args.out, (table + '\n').encode())
+    file_io.atomic_write(args.out, (table + '\n').encode())
   print(table)
   if args.out:
     print(f'wrote {args.out}')

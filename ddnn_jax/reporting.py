@@ -8,31 +8,20 @@ google-cloud-storage; launch/tpu_vm.sh installs both.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ddnn_jax import models
+from ddnn_jax.core import file_io
 
 METRICS_FILE = 'metrics.jsonl'
 TB_DIR = 'tb'
 # top1_error: the test split; val_top1_error: the held-out validation split (empty without).
 CSV_FIELDS = ('name', 'depth', 'params', 'flops', 'top1_error', 'val_top1_error')
-
-
-def _is_remote(path: str) -> bool:
-  return '://' in path
-
-
-def _join(*parts: str) -> str:
-  # os.path.join also keeps gs:// URLs intact.
-  return os.path.join(*parts)
 
 
 # --- metrics during training ----------------------------------------------------
@@ -48,7 +37,7 @@ class _JsonlFile:
 
   def __init__(self, path: str):
     self._path = path
-    self._remote = _is_remote(path)
+    self._remote = file_io.is_remote(path)
     if self._remote:
       from etils import epath  # pylint: disable=g-import-not-at-top
       self._epath = epath.Path(path)
@@ -103,13 +92,13 @@ class MetricWriter:
     self._tb = None
     if not enabled:
       return
-    if not _is_remote(workdir):
+    if not file_io.is_remote(workdir):
       os.makedirs(workdir, exist_ok=True)
     # Imported here so that disabled writers (and the rest of the package)
     # do not pay for tensorboardX.
     import tensorboardX  # pylint: disable=g-import-not-at-top
-    self._jsonl = _JsonlFile(_join(workdir, METRICS_FILE))
-    self._tb = tensorboardX.SummaryWriter(_join(workdir, TB_DIR))
+    self._jsonl = _JsonlFile(file_io.join(workdir, METRICS_FILE))
+    self._tb = tensorboardX.SummaryWriter(file_io.join(workdir, TB_DIR))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self._enabled:
@@ -145,7 +134,7 @@ class MetricWriter:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """Reads back workdir/metrics.jsonl, in order; [] if it does not exist."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  path = epath.Path(_join(workdir, METRICS_FILE))
+  path = epath.Path(file_io.join(workdir, METRICS_FILE))
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -279,50 +268,12 @@ def format_markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def csv_text(rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
-  """Rows (dicts) as CSV with the columns ``fields`` (others ignored, missing ones empty):
-  the one CSV writer of every table ddnn_jax writes."""
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction='ignore',
-                          lineterminator='\n')
-  writer.writeheader()
-  writer.writerows(rows)
-  return buf.getvalue()
-
-
-def read_csv(path: str) -> list[dict[str, str]]:
-  """The rows of a CSV file ddnn_jax wrote ([] if it does not exist)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  path = epath.Path(path)
-  return list(csv.DictReader(io.StringIO(path.read_text()))) if path.exists() else []
-
-
-def new_figure(size: tuple[float, float] = (6, 4.5)):
-  """A matplotlib Figure and its Agg canvas.
-
-  Figure + FigureCanvasAgg rather than pyplot: no global backend switch and no figure
-  registry to leak, so it is safe inside a training process.
-  """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=size, dpi=120)
-  return fig, FigureCanvasAgg(fig)
-
-
-def figure_png(fig, canvas) -> bytes:
-  del canvas  # Attached to fig; kept by the caller until the figure is drawn.
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png')
-  return buf.getvalue()
-
-
 def _plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
   """Draws top-1 accuracy vs. FLOPs, one labelled point per sub-net."""
   ordered = sorted(rows, key=lambda r: r['flops'])
   x = [r['flops'] / 1e6 for r in ordered]
   y = [100.0 - r['top1_error'] for r in ordered]
-  fig, canvas = new_figure()
+  fig, canvas = file_io.new_figure()
   ax = fig.add_subplot()
   ax.plot(x, y, 'o-', color='tab:blue')
   for r, xi, yi in zip(ordered, x, y):
@@ -333,28 +284,7 @@ def _plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
   ax.set_title(title or 'Top-1 accuracy vs. FLOPs')
   ax.grid(True, alpha=0.3)
   ax.margins(x=0.15, y=0.15)  # room for the labels
-  return figure_png(fig, canvas)
-
-
-def atomic_write(path: str, data: bytes) -> None:
-  """Writes data so that readers see the old file or the new one, never half."""
-  if _is_remote(path):
-    # An object-store upload only becomes visible once complete.
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    epath.Path(path).write_bytes(data)
-    return
-  directory, name = os.path.split(path)
-  fd, tmp = tempfile.mkstemp(dir=directory or '.', prefix=f'.{name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  return file_io.figure_png(fig, canvas)
 
 
 def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
@@ -366,19 +296,19 @@ def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
   """
   if not rows:
     raise ValueError('no rows to write')
-  if not _is_remote(workdir):
+  if not file_io.is_remote(workdir):
     os.makedirs(workdir, exist_ok=True)
   heading = f'# {title}\n\n' if title else ''
   paths = {
-      'markdown': _join(workdir, 'results.md'),
-      'csv': _join(workdir, 'results.csv'),
-      'plot': _join(workdir, 'accuracy_vs_flops.png'),
+      'markdown': file_io.join(workdir, 'results.md'),
+      'csv': file_io.join(workdir, 'results.csv'),
+      'plot': file_io.join(workdir, 'accuracy_vs_flops.png'),
   }
   contents = {
       'markdown': (heading + format_markdown_table(rows)).encode(),
-      'csv': csv_text(rows, CSV_FIELDS).encode(),
+      'csv': file_io.csv_text(rows, CSV_FIELDS).encode(),
       'plot': _plot_png(rows, title),
   }
   for key, path in paths.items():
-    atomic_write(path, contents[key])
+    file_io.atomic_write(path, contents[key])
   return paths

@@ -25,7 +25,8 @@ from typing import Any
 
 from etils import epath
 
-from ddnn_jax import cli, deploy, errors, flops, inference, models, reporting
+from ddnn_jax import cli, deploy, flops, inference, models
+from ddnn_jax.core import errors, file_io
 
 SEARCH_DIR = 'search'
 Scores = Mapping[models.Depth, tuple[float, float]]  # depth -> (top-1 error, FLOPs)
@@ -82,7 +83,7 @@ def best_under(rows: Sequence[Mapping[str, Any]], key: str, budget: float
 
 def _plot(rows: Sequence[Mapping[str, Any]], fronts: Mapping[str, list[int]],
           title: str, split: str) -> bytes:
-  fig, canvas = reporting.new_figure((11, 4.5))
+  fig, canvas = file_io.new_figure((11, 4.5))
   for panel, (key, label) in enumerate((('flops', 'FLOPs (M multiply-adds)'),
                                         ('latency_ms_batch_1', 'Latency at batch 1 (ms)'))):
     ax = fig.add_subplot(1, 2, panel + 1)
@@ -104,7 +105,7 @@ def _plot(rows: Sequence[Mapping[str, Any]], fronts: Mapping[str, list[int]],
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
-  return reporting.figure_png(fig, canvas)
+  return file_io.figure_png(fig, canvas)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -199,14 +200,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                  'depth': b['depth'], 'top1_error': float(b['top1_error']),
                  'flops': int(b['flops']), 'latency_ms_batch_1': float(b['latency_ms_batch_1'])}
                       for text, b in best.items()}}
-  reporting.atomic_write(str(out / 'candidates.csv'), reporting.csv_text(rows, [
+  file_io.atomic_write(str(out / 'candidates.csv'), file_io.csv_text(rows, [
       *fields, 'trained', 'on_flops_front', 'on_latency_front', 'selected_on']).encode())
-  reporting.atomic_write(str(out / 'pareto.csv'),
-                         reporting.csv_text(pareto, ['front', *fields, 'selected_on']).encode())
-  reporting.atomic_write(str(out / 'pareto.md'),
-                         f'# {title}\n\nFLOPs front ({label}):\n\n{front_table}'.encode())
-  reporting.atomic_write(str(out / 'summary.json'), json.dumps(summary, indent=2).encode())
-  reporting.atomic_write(str(out / 'pareto.png'), _plot(rows, fronts, title, args.split))
+  file_io.atomic_write(str(out / 'pareto.csv'),
+                       file_io.csv_text(pareto, ['front', *fields, 'selected_on']).encode())
+  file_io.atomic_write(str(out / 'pareto.md'),
+                       f'# {title}\n\nFLOPs front ({label}):\n\n{front_table}'.encode())
+  file_io.atomic_write(str(out / 'summary.json'), json.dumps(summary, indent=2).encode())
+  file_io.atomic_write(str(out / 'pareto.png'), _plot(rows, fronts, title, args.split))
 
   print(title)
   print(front_table, end='')

@@ -19,7 +19,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from ddnn_jax import losses, models, parallel, ranking
+from ddnn_jax import losses, models, ranking
+from ddnn_jax.core import parallel
 
 
 class TrainState(train_state.TrainState):
@@ -258,7 +259,7 @@ def jit_steps(depths: tuple[models.Depth, ...], mode: str, weights: LossWeights 
     return eval_step(state, batch, depths=depths)
 
   # The mesh, seen while tracing, lets each device run oneDNN's convolutions
-  # (ddnn_jax/onednn.py) on its own slice of the batch.
+  # (ddnn_jax/cpu/onednn.py) on its own slice of the batch.
   train, evaluate = parallel.traced_in_mesh(train, mesh), parallel.traced_in_mesh(evaluate, mesh)
 
   if max_traces is not None:

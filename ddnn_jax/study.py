@@ -59,7 +59,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ddnn_jax import cli, errors, records, study_plan
+from ddnn_jax import cli, records, study_plan
+from ddnn_jax.core import errors
 from ddnn_jax.study_plan import Run
 
 MANIFEST = 'study.json'
@@ -153,9 +154,9 @@ def read_manifest(root: str) -> dict[str, Any]:
 
 
 def write_manifest(root: str, manifest: dict[str, Any]) -> None:
-  from ddnn_jax import reporting  # pylint: disable=g-import-not-at-top
-  reporting.atomic_write(os.path.join(root, MANIFEST),
-                         (json.dumps(manifest, indent=2) + '\n').encode())
+  from ddnn_jax.core import file_io  # pylint: disable=g-import-not-at-top
+  file_io.atomic_write(os.path.join(root, MANIFEST),
+                       (json.dumps(manifest, indent=2) + '\n').encode())
 
 
 def recorded(record: str | None, name: str, key: Sequence[str]) -> bool:
@@ -325,8 +326,8 @@ def probe(key: Sequence[str]) -> int:
   """``--probe``: prints the measured seconds of a run's steps (JSON) and returns 0."""
   spec, overrides = key[0].removeprefix('--config='), list(key[1:])
   config = load_config(spec, overrides)
-  from ddnn_jax import cpu_defaults  # pylint: disable=g-import-not-at-top
-  cpu_defaults.apply(training=True, batch_size=config.train.batch_size)
+  from ddnn_jax.cpu import device_count  # pylint: disable=g-import-not-at-top
+  device_count.apply_for_training(config.train.batch_size)
   from ddnn_jax import train  # pylint: disable=g-import-not-at-top
   try:
     print(json.dumps(train.measure_step_seconds(config)))

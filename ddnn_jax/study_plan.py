@@ -26,7 +26,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ddnn_jax import comparison, config_lib, errors, losses, models, records, stats
+from ddnn_jax import comparison, config_lib, losses, models, records, stats
+from ddnn_jax.core import errors
 
 
 @dataclasses.dataclass(frozen=True)

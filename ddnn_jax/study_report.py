@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_jax import comparison, models, paper, records, reporting, stats, study_plan
+from ddnn_jax import comparison, models, paper, records, stats, study_plan
+from ddnn_jax.core import file_io
 
 # The paired differences the report gives, the chosen setting's added when there is one.
 CORE_DIFFS = (('ekd', 'individual'), ('ekd', 'ddnn'))
@@ -177,7 +178,7 @@ def _screen(study: Study) -> tuple[list[str], bytes | None]:
            f'against {shipped.full_error:.2f}%. One seed at 10 epochs: a screen, '
            'not a result; the seeds below test it.')
   lines += ['', why]
-  fig, canvas = reporting.new_figure((7.0, 4.0))
+  fig, canvas = file_io.new_figure((7.0, 4.0))
   ax = fig.add_subplot()
   labels = [*study.settings, 'ddnn']
   full = [study.settings[k].full_error for k in study.settings] + [ddnn_rows[0]['error']]
@@ -192,7 +193,7 @@ def _screen(study: Study) -> tuple[list[str], bytes | None]:
   ax.set_title(f'Screen: {study_plan.SCREEN_EPOCHS} epochs, seed 0', fontsize=10)
   ax.legend(fontsize=8)
   ax.grid(True, axis='y', alpha=0.3)
-  return lines, reporting.figure_png(fig, canvas)
+  return lines, file_io.figure_png(fig, canvas)
 
 
 def _diagnosis_run(study: Study) -> str | None:
@@ -237,7 +238,7 @@ def _diagnosis(study: Study) -> tuple[list[str], bytes | None]:
   lines += ['', f'The largest pull is `{ranked[0]}`. Summed over depths, the cross-entropy '
             f'terms\' gradient norms are {ce:.3f}, the KL terms\' {kl:.3f} '
             f'({kl / ce:.0%} of CE) and the attention terms\' {att:.3f} ({att / ce:.0%} of CE).']
-  fig, canvas = reporting.new_figure((10.0, 4.0))
+  fig, canvas = file_io.new_figure((10.0, 4.0))
   for i, (series, title) in enumerate(((terms, 'weighted term'), (norms, 'gradient norm, '
                                                                   'shared parameters'))):
     ax = fig.add_subplot(1, 2, i + 1)
@@ -251,7 +252,7 @@ def _diagnosis(study: Study) -> tuple[list[str], bytes | None]:
     ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
   fig.suptitle(f'Loss terms over {name}', fontsize=10)
-  return lines, reporting.figure_png(fig, canvas)
+  return lines, file_io.figure_png(fig, canvas)
 
 
 def _convergence(study: Study) -> list[str]:
@@ -296,7 +297,7 @@ def _curves(study: Study, names: Sequence[str]) -> bytes | None:
           curves[run['mode'], depth][line['epoch']].append(100 * (1 - value))
   if not curves:
     return None
-  fig, canvas = reporting.new_figure((4.0 * len(study.depths), 3.6))
+  fig, canvas = file_io.new_figure((4.0 * len(study.depths), 3.6))
   for i, depth in enumerate(study.depths):
     ax = fig.add_subplot(1, len(study.depths), i + 1)
     for (scheme, d), points in sorted(curves.items(), key=lambda kv: kv[0][0]):
@@ -312,7 +313,7 @@ def _curves(study: Study, names: Sequence[str]) -> bytes | None:
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
-  return reporting.figure_png(fig, canvas)
+  return file_io.figure_png(fig, canvas)
 
 
 def build(study: Study) -> tuple[str, str, dict[str, bytes]]:
@@ -396,12 +397,12 @@ def main_report(preset: study_plan.Preset, record: str, depths: Sequence[models.
   written = []
   for name, content in {README: doc.encode(), **files}.items():
     path = os.path.join(record, name)
-    reporting.atomic_write(path, content)
+    file_io.atomic_write(path, content)
     written.append(path)
   if os.path.isfile(readme):
     with open(readme, encoding='utf-8') as f:
       text = rewrite_block(f.read(), preset.name, block)
     if text is not None:
-      reporting.atomic_write(readme, text.encode())
+      file_io.atomic_write(readme, text.encode())
       written.append(readme)
   return written

@@ -19,7 +19,8 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Importing is fine before jax.distributed.initialize; only computations are not.
-from ddnn_jax import models, parallel, steps  # noqa: E402
+from ddnn_jax import models, steps  # noqa: E402
+from ddnn_jax.core import parallel  # noqa: E402
 
 ARCH, SUBNETS, IMAGE, NUM_CLASSES = 'resnet20', [(1, 1, 1), (2, 2, 2)], (8, 8, 3), 4
 GLOBAL_BATCH, NUM_STEPS = 32, 3

@@ -1,4 +1,4 @@
-"""ddnn_jax.batchnorm against flax's BatchNorm (+ residual) (+ ReLU) under autodiff."""
+"""ddnn_jax.cpu.batchnorm against flax's BatchNorm (+ residual) (+ ReLU) under autodiff."""
 
 import re
 
@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import batchnorm, models, steps
+from ddnn_jax import models, steps
+from ddnn_jax.cpu import batchnorm
 
 
 def _reference(x, scale, bias, residual, epsilon, relu):
@@ -181,7 +182,7 @@ def test_the_compiled_step_writes_no_activation_sized_broadcast():
   batch = {'image': np.zeros((batch_size, *image), np.float32),
            'label': np.zeros((batch_size,), np.int32)}
   train, _ = steps.jit_steps(depths, 'ekd', steps.LossWeights(alpha=100.0))
-  # The CLI tools' fusion flag (cpu_defaults.YNN_FUSION) and full optimisation, for this
+  # The CLI tools' fusion flag (defaults.YNN_FUSION) and full optimisation, for this
   # compile only (conftest.py lowers the optimisation level for the whole session).
   compiled = train.lower(state, batch).compile(compiler_options={
       'xla_cpu_experimental_ynn_fusion_type':

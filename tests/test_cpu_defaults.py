@@ -8,16 +8,19 @@ import sys
 
 import pytest
 
-from ddnn_jax import cpu_defaults
+from ddnn_jax.cpu import defaults, device_count
 
 # Each case spawns a fresh Python process.
 pytestmark = pytest.mark.slow
 
 PROBE = """
 import json, os, sys
-from ddnn_jax import cpu_defaults
-cpu_defaults.reexec_with_tcmalloc()
-cpu_defaults.apply(training=sys.argv[1] == 'train', batch_size=int(sys.argv[2]))
+from ddnn_jax.cpu import defaults, device_count
+defaults.reexec_with_tcmalloc()
+if sys.argv[1] == 'train':
+  device_count.apply_for_training(int(sys.argv[2]))
+else:
+  defaults.apply()
 import jax
 maps = open('/proc/self/maps').read()
 print(json.dumps({'xla_flags': os.environ.get('XLA_FLAGS', ''), 'devices': jax.device_count(),
@@ -40,9 +43,9 @@ CORES = len(os.sched_getaffinity(0))
 
 def test_training_gets_ynn_fusion_its_devices_per_core_and_tcmalloc():
   seen = probe('train')
-  assert cpu_defaults.YNN_FUSION in seen['xla_flags'].split()
-  assert seen['devices'] == cpu_defaults.devices_per_core() * CORES
-  installed = any(os.path.exists(p) for p in cpu_defaults.TCMALLOC_PATHS)
+  assert defaults.YNN_FUSION in seen['xla_flags'].split()
+  assert seen['devices'] == device_count.devices_per_core() * CORES
+  installed = any(os.path.exists(p) for p in defaults.TCMALLOC_PATHS)
   assert seen['tcmalloc'] == installed
 
 
@@ -50,25 +53,25 @@ def test_training_gets_ynn_fusion_its_devices_per_core_and_tcmalloc():
     (128, 1, 2 * CORES), (2 * CORES + CORES, 1, CORES), (2 * CORES + 1, 1, 1),
     (4 * CORES, 2, 2 * CORES), (2 * CORES, 2, CORES)])
 def test_training_devices_divide_the_global_batch(batch_size, processes, devices):
-  assert cpu_defaults.training_devices(batch_size, processes, per_core=2) == devices
+  assert device_count.training_devices(batch_size, processes, per_core=2) == devices
 
 
 @pytest.mark.parametrize('onednn_setting,per_core', [('0', 2), (None, 1)])
 def test_devices_per_core_follow_who_convolves(monkeypatch, onednn_setting, per_core):
-  from ddnn_jax import onednn  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.cpu import onednn  # pylint: disable=g-import-not-at-top
   if onednn_setting is None:
     monkeypatch.delenv('DDNN_JAX_ONEDNN', raising=False)
     if not onednn.expected():
       pytest.skip('the onednn extra or a C++ compiler is missing here')
   else:
     monkeypatch.setenv('DDNN_JAX_ONEDNN', onednn_setting)
-  assert cpu_defaults.devices_per_core() == per_core
-  assert cpu_defaults.training_devices(128) == per_core * CORES
+  assert device_count.devices_per_core() == per_core
+  assert device_count.training_devices(128) == per_core * CORES
 
 
 def test_other_tools_keep_one_device():
   seen = probe('eval')
-  assert cpu_defaults.YNN_FUSION in seen['xla_flags'].split()
+  assert defaults.YNN_FUSION in seen['xla_flags'].split()
   assert seen['devices'] == 1
 
 

@@ -20,8 +20,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import (config_lib, data, deploy, dynamic, errors, inference, models, optim, search,
-                      train)
+from ddnn_jax import config_lib, data, deploy, dynamic, inference, models, optim, search, train
+from ddnn_jax.core import errors
 from fakes import write_fake_cifar
 from jobs import assert_one_line_error, run_main, run_module
 

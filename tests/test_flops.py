@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ddnn_jax import onednn
+from ddnn_jax.cpu import onednn
 from jobs import run_main, run_module
 
 

@@ -13,7 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import models, onednn, parallel, steps
+from ddnn_jax import models, steps
+from ddnn_jax.core import parallel
+from ddnn_jax.cpu import onednn
 
 NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 

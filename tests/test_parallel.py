@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import multiprocess_worker as worker
-from ddnn_jax import parallel
+from ddnn_jax.core import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'multiprocess_worker.py')
@@ -148,7 +148,7 @@ def test_two_processes_match_one(reference, tmp_path):
 
 @pytest.mark.slow
 def test_initialize_distributed_is_a_no_op_on_one_machine():
-  code = ('import jax; from ddnn_jax import parallel; '
+  code = ('import jax; from ddnn_jax.core import parallel; '
           'parallel.initialize_distributed(); parallel.initialize_distributed(); '
           'assert not jax.distributed.is_initialized(); '
           'print(jax.process_count(), jax.device_count())')

@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
-from ddnn_jax import cpu_defaults, parallel
+from ddnn_jax.core import parallel
+from ddnn_jax.cpu import defaults
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'onednn_conv.cc')
 HANDLERS = {'forward': 'DdnnConvForward', 'input_grad': 'DdnnConvInputGrad',
@@ -159,7 +160,7 @@ def enabled() -> bool:
   or ``DDNN_JAX_CPU_DEFAULTS=0`` (every CPU speed setting off)."""
   if _disabled:
     return False
-  return os.environ.get('DDNN_JAX_ONEDNN') != '0' and cpu_defaults.enabled()
+  return os.environ.get('DDNN_JAX_ONEDNN') != '0' and defaults.enabled()
 
 
 def expected() -> bool:
@@ -220,7 +221,7 @@ def _out_shape(x_shape, kernel_shape, stride: int, pad: int) -> tuple[int, int, 
 def _threads() -> int:
   """OpenMP threads per call: this process's cores over its CPU devices (each device
   runs its calls on its own thread; more threads than that were slower: bench/README)."""
-  return max(1, cpu_defaults.available_cores() // jax.local_device_count())
+  return max(1, defaults.available_cores() // jax.local_device_count())
 
 
 def _call(handler: str, shape: tuple[int, ...], a, b, stride: int, pad: int):

@@ -118,7 +118,7 @@ def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def traced_in_mesh(fn, mesh: Mesh | None):
   """``fn`` traced with ``mesh`` as the abstract mesh (no mesh: ``fn`` itself). Code that
-  must place work per device while tracing reads it: ddnn_jax/onednn.py's convolutions."""
+  must place work per device while tracing reads it: ddnn_jax/cpu/onednn.py's convolutions."""
   if mesh is None:
     return fn
 
