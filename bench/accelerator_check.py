@@ -101,7 +101,7 @@ def main():
   device_count.apply_for_training()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddnn_jax import models  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.nn import architectures, models  # pylint: disable=g-import-not-at-top
   from ddnn_jax.core import parallel  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   devices = jax.devices()
@@ -123,14 +123,14 @@ def main():
   r50_batch = -(-r50_batch // n) * n  # Divisible by the device count.
   r20_batch = -(-r20_batch // n) * n
   r50_rate = _step_figures('resnet50_ekd_table2', r50,
-                           models.depth_set('resnet50', [(3, 4, 4, 3), (3, 3, 3, 3)]),
+                           architectures.depth_set('resnet50', [(3, 4, 4, 3), (3, 3, 3, 3)]),
                            r50_shape, r50_batch, mesh, steps_timed)
   r20_rate = _step_figures('resnet20_ekd_default_group', r20,
-                           models.depth_set('resnet20', [(2, 2, 2), (1, 1, 1)]),
+                           architectures.depth_set('resnet20', [(2, 2, 2), (1, 1, 1)]),
                            r20_shape, r20_batch, mesh, steps_timed)
   check = models.create_model('resnet20', 10, width=4)
-  diff = _sharded_equals_unsharded(check, models.depth_set('resnet20', [(1, 1, 1)]), (28, 28, 1),
-                                   4 * n)
+  diff = _sharded_equals_unsharded(check, architectures.depth_set('resnet20', [(1, 1, 1)]),
+                                   (28, 28, 1), 4 * n)
   equal = diff < 1e-4
   _line('sharded_vs_one_device_max_rel_diff', f'{diff:.2e} ({"equal" if equal else "DIFFERENT"}'
         ' within 1e-4)')

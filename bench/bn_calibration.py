@@ -22,7 +22,8 @@ from ddnn_jax.cpu import defaults  # noqa: E402
 
 defaults.apply()
 
-from ddnn_jax import inference, models  # noqa: E402
+from ddnn_jax import inference  # noqa: E402
+from ddnn_jax.nn import notation  # noqa: E402
 
 
 def main():
@@ -48,7 +49,7 @@ def main():
     for n in sizes:
       stats = inference.recalibrate(run, depth, inference.calibration_batches(run, n))
       errors.append(100 * (1 - inference.accuracy(run, depth, stats, validation)))
-    rows.append([models.format_depth(depth)] + errors)
+    rows.append([notation.format_depth(depth)] + errors)
     print(' '.join(f'{e:.2f}' if isinstance(e, float) else e for e in rows[-1]), flush=True)
   means = ['mean'] + [statistics.mean(r[i] for r in rows) for i in range(1, len(header))]
   lines = [f'validation top-1 error (%) by calibration images, {args.workdir} step {run.step}',

@@ -26,7 +26,8 @@ defaults.apply()
 
 import numpy as np  # noqa: E402
 
-from ddnn_jax import cascading, flops, inference, models  # noqa: E402
+from ddnn_jax import cascading, inference  # noqa: E402
+from ddnn_jax.nn import flops, notation  # noqa: E402
 
 
 def main():
@@ -81,7 +82,7 @@ def main():
   with open(path, encoding='utf-8') as f:
     expected = json.load(f).get('expected', {}).get('mean_flops')
   full_flops = flops.profile_subnet(run.model, run.image_shape, full).flops
-  print(f'cascade {" -> ".join(map(models.format_depth, cascade.depths))} ({cascade.trunk}), '
+  print(f'cascade {" -> ".join(map(notation.format_depth, cascade.depths))} ({cascade.trunk}), '
         f'thresholds {cascade.thresholds}; {len(images)} test images, {args.rounds} rounds')
   print('| variant | img/s | cascade / full net |\n|---|---|---|')
   for name in variants:
@@ -92,7 +93,8 @@ def main():
         + (f'{expected / 1e6:.2f}M ({100 * (realised / expected - 1):+.1f}%)' if expected else '-')
         + f'; full net {full_flops / 1e6:.2f}M ({realised / full_flops:.2f}x)')
   print('exits per stage (test): ' + ', '.join(
-      f'{models.format_depth(d)} {np.mean(stage == k):.1%}' for k, d in enumerate(cascade.depths)))
+      f'{notation.format_depth(d)} {np.mean(stage == k):.1%}'
+      for k, d in enumerate(cascade.depths)))
 
 
 if __name__ == '__main__':

@@ -60,7 +60,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from ddnn_jax import models, steps  # noqa: E402
+from ddnn_jax import steps  # noqa: E402
+from ddnn_jax.nn import architectures, models, notation  # noqa: E402
 
 
 def op_durations(trace_dir, op_names):
@@ -95,7 +96,7 @@ def hlo_ops(hlo_text):
 def main():
   image_shape = (ARGS.image, ARGS.image, ARGS.channels)
   model = models.create_model(ARGS.arch, ARGS.classes, width=ARGS.width or None)
-  depths = models.depth_set(ARGS.arch, models.parse_depths(ARGS.subnets))
+  depths = architectures.depth_set(ARGS.arch, notation.parse_depths(ARGS.subnets))
   state = steps.create_train_state(jax.random.key(0), model, depths,
                                    optax.sgd(0.01, momentum=0.9), image_shape)
   rng = np.random.default_rng(0)
@@ -103,7 +104,7 @@ def main():
            'label': rng.integers(0, ARGS.classes, ARGS.batch).astype(np.int32)}
   if ARGS.mode == 'infer':  # The full net's eval forward pass (evaluate, search, predict).
     forward = jax.jit(lambda p, s, x: steps.depth_logits(model.apply, p, s, x, depths[0]))
-    stats = state.batch_stats[models.depth_name(depths[0])]
+    stats = state.batch_stats[notation.depth_name(depths[0])]
 
     def train(state, batch):
       return state, forward(state.params, stats, batch['image'])

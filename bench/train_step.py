@@ -70,7 +70,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from ddnn_jax import flops, models, steps  # noqa: E402
+from ddnn_jax import steps  # noqa: E402
+from ddnn_jax.nn import architectures, flops, models, notation  # noqa: E402
 from ddnn_jax.core import parallel  # noqa: E402
 from ddnn_jax.cpu import onednn  # noqa: E402
 
@@ -116,7 +117,7 @@ def compile_infer(model, depth, batch, image_shape, mesh):
   state = steps.create_train_state(jax.random.key(0), model, (depth,),
                                    optax.sgd(0.01), image_shape)
   params = parallel.replicate(state.params, mesh)
-  stats = parallel.replicate(state.batch_stats[models.depth_name(depth)], mesh)
+  stats = parallel.replicate(state.batch_stats[notation.depth_name(depth)], mesh)
   images = parallel.shard_batch({'image': np.random.default_rng(0).normal(
       size=(batch, *image_shape)).astype(np.float32)}, mesh)['image']
   # The mesh while tracing: oneDNN's convolutions then run per device (as in jit_steps).
@@ -141,11 +142,11 @@ def compile_infer(model, depth, batch, image_shape, mesh):
 
 
 def main():
-  subnets = models.parse_depths(ARGS.subnets)
+  subnets = notation.parse_depths(ARGS.subnets)
   dtype = jnp.dtype(ARGS.dtype)
   image_shape = (ARGS.image, ARGS.image, ARGS.channels)
   mesh = parallel.create_mesh()
-  depths = models.depth_set(ARGS.arch, subnets)
+  depths = architectures.depth_set(ARGS.arch, subnets)
 
   def model(remat=ARGS.remat):
     return models.create_model(ARGS.arch, ARGS.classes, width=ARGS.width or None, dtype=dtype,
@@ -155,10 +156,10 @@ def main():
   configs = {}
   for mode in ARGS.modes.split(','):
     if mode == 'infer':
-      configs[f'infer {models.format_depth(depths[0])}'] = ((depths[0],), 'infer', True, False)
+      configs[f'infer {notation.format_depth(depths[0])}'] = ((depths[0],), 'infer', True, False)
     elif mode == 'individual':
       for depth in depths:
-        name = f'individual {models.format_depth(depth)}'
+        name = f'individual {notation.format_depth(depth)}'
         configs[name] = ((depth,), 'individual', True, ARGS.remat)
     else:
       configs[mode] = (depths, mode, True, ARGS.remat)
@@ -192,8 +193,8 @@ def main():
       run['times'].append((time.perf_counter() - start) / ARGS.steps)
 
   seconds = {name: statistics.median(run['times']) for name, run in runs.items()}
-  full = f'individual {models.format_depth(depths[0])}'
-  alone = [f'individual {models.format_depth(d)}' for d in depths]
+  full = f'individual {notation.format_depth(depths[0])}'
+  alone = [f'individual {notation.format_depth(d)}' for d in depths]
   base = seconds.get(full)
   total = sum(seconds[n] for n in alone) if all(n in seconds for n in alone) else None
   total_flops = sum(runs[n]['flops'] for n in alone) if total else None

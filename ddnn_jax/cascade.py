@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from ddnn_jax import cascading, cli, deploy, flops, inference, models
+from ddnn_jax import cascading, cli, deploy, inference
 from ddnn_jax.core import errors, file_io
+from ddnn_jax.nn import flops, notation
 
 GRID = {2: 200, 3: 40}  # Thresholds tried per stage, by cascade length.
 MAX_ENUMERATED = 64  # 'front' evaluates every depth of nets with at most this many.
@@ -48,7 +49,7 @@ def _fmt_list(values: Sequence[float], digits: int = 4) -> str:
   return ' '.join(f'{v:.{digits}f}' for v in values)
 
 
-def candidate_depths(run: inference.TrainedRun, spec: str) -> tuple[list[models.Depth], str]:
+def candidate_depths(run: inference.TrainedRun, spec: str) -> tuple[list[notation.Depth], str]:
   """The depths cascades are built from, and how they were chosen."""
   if spec == 'all':
     return run.all_depths(), 'all'
@@ -118,7 +119,7 @@ def _logits(run, depths, trunk, split, stats, args, tags):
   return cascading.stage_logits_of_split(run, depths, trunk, split, stats, args.batch_size, tags)
 
 
-def build(run: inference.TrainedRun, depths: list[models.Depth], how: str, max_stages: int,
+def build(run: inference.TrainedRun, depths: list[notation.Depth], how: str, max_stages: int,
           score: str, trunks: Sequence[str], args) -> dict[str, Any]:
   """Everything the command does after parsing: returns what it wrote and printed."""
   inference.require_data(run, 'a cascade (validation and test logits)')
@@ -149,12 +150,12 @@ def build(run: inference.TrainedRun, depths: list[models.Depth], how: str, max_s
     depths = list({depths[i] for i in front} | {full})  # The full net ends the deepest cascades.
   depths.sort(key=lambda d: (sizes[d], d))
   if full not in static:
-    raise errors.UsageError(f'the full net {models.format_depth(full)} must be among --depths '
+    raise errors.UsageError(f'the full net {notation.format_depth(full)} must be among --depths '
                             '(the budget is measured against it)')
   if len(depths) < 2:  # Before the latencies and the cascades: the long part.
     raise errors.UsageError(
         f'no cascade is left: the validation front of {run.workdir} keeps only the full net '
-        f'{models.format_depth(full)} (no smaller depth is as accurate per FLOP); give '
+        f'{notation.format_depth(full)} (no smaller depth is as accurate per FLOP); give '
         '--depths all or a list of depths')
   latencies = inference.LatencyTable(run.workdir)
   temperatures, calibration_rows = {}, []
@@ -162,7 +163,7 @@ def build(run: inference.TrainedRun, depths: list[models.Depth], how: str, max_s
     logits, labels = single[d, 'validation'][0][0], single[d, 'validation'][1]
     temperatures[d] = cascading.fit_temperature(logits, labels)
     calibration_rows.append({
-        'depth': models.format_depth(d), 'flops': sizes[d],
+        'depth': notation.format_depth(d), 'flops': sizes[d],
         'top1_error_val': round(static[d]['validation'], 4),
         'top1_error_test': round(static[d]['test'], 4),
         'temperature': round(temperatures[d], 4),
@@ -223,7 +224,7 @@ def _candidates(run, chain, trunk, score, stats, tags, temperatures, args) -> li
     rows.append({
         'chain': tuple(chain), 'trunk_mode': trunk, 'temps': tuple(temps),
         'thresholds_t': thresholds,
-        'depths': ' '.join(models.format_depth(d) for d in chain), 'trunk': trunk,
+        'depths': ' '.join(notation.format_depth(d) for d in chain), 'trunk': trunk,
         'thresholds': _fmt_list(thresholds, 6), 'exit_fractions_val': _fmt_list(fractions),
         'mean_flops_val': float(np.dot(reach, costs)),
         'mean_latency_ms_val': float(np.dot(reach, stage_ms)),
@@ -269,7 +270,7 @@ def _report(run, out, rows, depths, static, sizes, calibration_rows, score, args
     cascade = min((r for r in rows if r['mean_flops_val'] <= budget + 1e-6),
                   key=lambda r: (r['top1_error_val'], r['mean_flops_val']), default=None)
     budgets.append({
-        'budget_flops': int(budget), 'single_depth': models.format_depth(single),
+        'budget_flops': int(budget), 'single_depth': notation.format_depth(single),
         'single_top1_error_test': round(static[single]['test'], 4),
         'cascade': '' if cascade is None else cascade['depths'],
         'cascade_thresholds': '' if cascade is None else cascade['thresholds'],
@@ -288,7 +289,7 @@ def _report(run, out, rows, depths, static, sizes, calibration_rows, score, args
       test={'mean_flops': chosen['mean_flops_test'],
             'exit_fractions': [float(x) for x in chosen['exit_fractions_test'].split()],
             'top1_error': chosen['top1_error_test']},
-      full_net={'depth': models.format_depth(full), 'flops': sizes[full],
+      full_net={'depth': notation.format_depth(full), 'flops': sizes[full],
                 'validation_top1_error': full_val, 'test_top1_error': full_test},
       calibration=calibration_rows)
   out.mkdir(parents=True, exist_ok=True)
@@ -345,7 +346,7 @@ def _plot(front, static_depths, static, sizes, chosen, title) -> bytes:
   ax.plot([sx[i] for i in order], [sy[i] for i in order], 's--', color='0.3',
           label='static front (chosen on validation)', zorder=3)
   for i in order:
-    ax.annotate(models.format_depth(static_depths[i]), (sx[i], sy[i]), fontsize=7,
+    ax.annotate(notation.format_depth(static_depths[i]), (sx[i], sy[i]), fontsize=7,
                 textcoords='offset points', xytext=(4, 4))
   fx = [r['mean_flops_test'] / 1e6 for r in front]
   fy = [r['top1_error_test'] for r in front]

@@ -12,7 +12,7 @@ stage, those passed on pay the next, and so on.
 * ``T`` is fitted per depth on the validation split (NLL); ECE is reported before and after.
 * Trunk: a later stage either recomputes its depth from the image (``recompute``) or
   continues from the previous stage's output of their shared leading modules
-  (``reuse``: ``models.shared_prefix``), with its own BN statistics from there on.
+  (``reuse``: ``architectures.shared_prefix``), with its own BN statistics from there on.
 * ``simulate`` decides from cached logits exactly what ``Executor`` (the real early
   exit: gather the passed inputs, pad them to a bucket size, run the next stage) does.
 
@@ -34,8 +34,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from ddnn_jax import flops, inference, models
+from ddnn_jax import inference
 from ddnn_jax.core import errors
+from ddnn_jax.nn import architectures, flops, models, notation
 
 SCORES = ('maxprob', 'margin', 'entropy')
 TRUNKS = ('recompute', 'reuse')
@@ -113,7 +114,7 @@ def ece(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
 @dataclasses.dataclass(frozen=True)
 class Cascade:
   """Depths of increasing cost, a threshold per stage but the last, a temperature each."""
-  depths: tuple[models.Depth, ...]
+  depths: tuple[notation.Depth, ...]
   thresholds: tuple[float, ...]
   temperatures: tuple[float, ...]
   score: str = 'maxprob'
@@ -160,13 +161,14 @@ def simulate(cascade: Cascade, stage_logits: Sequence[np.ndarray]
   return stage, logits
 
 
-def stage_costs(model: models.DDNN, image_shape: Sequence[int], depths: Sequence[models.Depth],
+def stage_costs(model: models.DDNN, image_shape: Sequence[int], depths: Sequence[notation.Depth],
                 trunk: str) -> list[int]:
   """Multiply-adds each stage adds for an input that reaches it (``stage_plan``)."""
   costs = []
   for depth, (resume, _) in zip(depths, stage_plan(model.arch, depths, trunk)):
     per_module = flops.module_flops(model, image_shape, depth)
-    skipped = sum(per_module.get(m, 0) for m in models.module_sequence(model.arch, depth)[:resume])
+    leading = architectures.module_sequence(model.arch, depth)[:resume]
+    skipped = sum(per_module.get(m, 0) for m in leading)
     costs.append(sum(per_module.values()) - skipped)
   return costs
 
@@ -217,7 +219,7 @@ class StageApply:
   """Jitted inference of one stage: (params, stats, images or the previous stage's output)
   -> (logits, this stage's output of the modules the next stage reuses)."""
 
-  def __init__(self, run: inference.TrainedRun, depth: models.Depth, resume_at: int,
+  def __init__(self, run: inference.TrainedRun, depth: notation.Depth, resume_at: int,
                capture_at: int, max_traces: int):
     self.depth = depth
     self.resume_at, self.capture_at = resume_at, capture_at
@@ -238,7 +240,7 @@ class StageApply:
     return self._apply(params, stats, x)
 
 
-def stage_plan(arch: str, depths: Sequence[models.Depth], trunk: str
+def stage_plan(arch: str, depths: Sequence[notation.Depth], trunk: str
                ) -> list[tuple[int, int]]:
   """Per stage, (resume_at, capture_at): how many leading modules it takes from the stage
   before, and how many of its own it hands to the next (0: none). With 'reuse', a stage
@@ -247,15 +249,15 @@ def stage_plan(arch: str, depths: Sequence[models.Depth], trunk: str
   resume = [0] * len(depths)
   if trunk == 'reuse':
     for k in range(1, len(depths)):
-      shared = models.shared_prefix(arch, depths[k - 1], depths[k])
+      shared = architectures.shared_prefix(arch, depths[k - 1], depths[k])
       resume[k] = shared if shared > resume[k - 1] else 0
   capture = [resume[k + 1] if k + 1 < len(depths) else 0 for k in range(len(depths))]
   return list(zip(resume, capture))
 
 
-def stage_logits_of_split(run: inference.TrainedRun, depths: Sequence[models.Depth],
-                          trunk: str, split: str, stats: Mapping[models.Depth, Any],
-                          batch_size: int, tags: Mapping[models.Depth, str]
+def stage_logits_of_split(run: inference.TrainedRun, depths: Sequence[notation.Depth],
+                          trunk: str, split: str, stats: Mapping[notation.Depth, Any],
+                          batch_size: int, tags: Mapping[notation.Depth, str]
                           ) -> tuple[list[np.ndarray], np.ndarray]:
   """Every stage's logits of every input of ``split``, cached per checkpoint step.
 
@@ -265,10 +267,10 @@ def stage_logits_of_split(run: inference.TrainedRun, depths: Sequence[models.Dep
   depends on the chain before it (one file per chain prefix).
   """
   if trunk == 'recompute':
-    names = [models.depth_name(d) for d in depths]
+    names = [notation.depth_name(d) for d in depths]
     stage_tags = [tags[d] for d in depths]
   else:
-    names = ['_to_'.join(models.depth_name(d) for d in depths[:k + 1])
+    names = ['_to_'.join(notation.depth_name(d) for d in depths[:k + 1])
              for k in range(len(depths))]
     stage_tags = ['|'.join(tags[d] for d in depths[:k + 1]) for k in range(len(depths))]
   paths = [cache_path(run, split, n) for n in names]
@@ -301,7 +303,7 @@ def stage_logits_of_split(run: inference.TrainedRun, depths: Sequence[models.Dep
 _STAGES: dict[tuple[Any, ...], StageApply] = {}
 
 
-def cached_stage(run: inference.TrainedRun, depth: models.Depth, resume_at: int,
+def cached_stage(run: inference.TrainedRun, depth: notation.Depth, resume_at: int,
                   capture_at: int) -> StageApply:
   """One compiled stage per run, depth and plan, shared by every split and cascade (the
   logits passes use one batch size: the last batch is padded)."""
@@ -336,7 +338,7 @@ def _write_cache(path: epath.Path, logits: np.ndarray, labels: np.ndarray, tag: 
 def to_json(cascade: Cascade, run: inference.TrainedRun, **extra: Any) -> dict[str, Any]:
   return {'arch': run.config.model.arch, 'dataset': run.config.data.dataset,
           'workdir': os.path.abspath(run.workdir), 'step': run.step,
-          'depths': [models.format_depth(d) for d in cascade.depths],
+          'depths': [notation.format_depth(d) for d in cascade.depths],
           'thresholds': list(cascade.thresholds), 'temperatures': list(cascade.temperatures),
           'score': cascade.score, 'trunk': cascade.trunk, **extra}
 
@@ -370,8 +372,8 @@ def from_json(data: Any, run: inference.TrainedRun | None = None, where: str = '
   try:
     if not isinstance(data['depths'], list):
       raise ValueError('depths must be a list')
-    depths = tuple(models.resolve_depth(models.parse_depth(d), arch) if arch is not None
-                   else tuple(models.parse_depth(d)) for d in data['depths'])
+    depths = tuple(architectures.resolve_depth(notation.parse_depth(d), arch) if arch is not None
+                   else tuple(notation.parse_depth(d)) for d in data['depths'])
     return Cascade(depths, tuple(data['thresholds']), tuple(data['temperatures']),
                    data['score'], data.get('trunk', 'recompute'))
   except (ValueError, TypeError, errors.UsageError) as err:
@@ -394,7 +396,7 @@ class Executor:
   the batch's composition)."""
 
   def __init__(self, run: inference.TrainedRun, cascade: Cascade,
-               stats: Mapping[models.Depth, Any], batch_size: int = 256):
+               stats: Mapping[notation.Depth, Any], batch_size: int = 256):
     self.run, self.cascade = run, cascade
     self.batch_size = batch_size
     self.buckets = buckets(self.batch_size)

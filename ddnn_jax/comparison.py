@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_jax import cli, losses, models, paper, stats
+from ddnn_jax import cli, losses, paper, stats
 from ddnn_jax.core import file_io
+from ddnn_jax.nn import architectures, notation
 
 # Fields that must agree for runs to compare: what is trained, on what, for how long.
 SAME = ('dataset', 'arch', 'width', 'num_epochs', 'train_subset', 'validation_examples',
@@ -57,7 +58,7 @@ def read_run(workdir: str, split: str = 'test') -> dict[str, Any]:
           'train_subset': get('data', 'train_subset'),
           'validation_examples': get('data', 'validation_examples'),
           'batch_size': get('train', 'batch_size'),
-          'rows': [{'depth': models.parse_depth(r['depth']), 'params': int(r['params']),
+          'rows': [{'depth': notation.parse_depth(r['depth']), 'params': int(r['params']),
                     'flops': int(r['flops']), 'error': float(r[column])} for r in rows]}
 
 
@@ -83,17 +84,17 @@ def check_comparable(runs: Sequence[dict[str, Any]]) -> None:
 def comparison(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
   """Rows (one per depth, most FLOPs first) with, per mode, the errors of its seeds; and
   the modes present, in the order of ``losses.MODES``."""
-  by_depth: dict[models.Depth, dict[str, Any]] = {}
+  by_depth: dict[notation.Depth, dict[str, Any]] = {}
   for run in runs:
     for row in run['rows']:
       entry = by_depth.setdefault(row['depth'], {
-          'depth': row['depth'], 'name': models.depth_label(run['arch'], row['depth']) or '',
+          'depth': row['depth'], 'name': architectures.depth_label(run['arch'], row['depth']) or '',
           'params': row['params'], 'flops': row['flops'], 'errors': {}})
       seeds = entry['errors'].setdefault(run['mode'], {})
       if run['seed'] in seeds:
         raise cli.UsageError(
             f'two runs of mode {run["mode"]} with seed {run["seed"]} train depth '
-            f'{models.format_depth(row["depth"])} (one is {run["workdir"]}): give each '
+            f'{notation.format_depth(row["depth"])} (one is {run["workdir"]}): give each '
             '(mode, seed) once')
       seeds[run['seed']] = row['error']
   present = {m for e in by_depth.values() for m in e['errors']}
@@ -131,7 +132,7 @@ def check_diff_schemes(runs: Sequence[dict[str, Any]], diffs: Sequence[tuple[str
 
 
 def differences(rows: Sequence[dict[str, Any]], diffs: Sequence[tuple[str, str]]
-                ) -> dict[tuple[models.Depth, str, str], stats.Difference]:
+                ) -> dict[tuple[notation.Depth, str, str], stats.Difference]:
   """(depth, a, b) -> the paired difference a - b of that depth, where both have seeds."""
   result = {}
   for r in rows:
@@ -174,7 +175,7 @@ def _diff_cell(diff: stats.Difference | None) -> str:
 
 
 def format_markdown(rows: Sequence[dict[str, Any]], modes: Sequence[str],
-                    diffs: dict[tuple[models.Depth, str, str], stats.Difference],
+                    diffs: dict[tuple[notation.Depth, str, str], stats.Difference],
                     diff_pairs: Sequence[tuple[str, str]], title: str, split: str,
                     reference: paper.Group | None, matched: bool) -> str:
   seeds = {m: max((len(r['errors'].get(m, {})) for r in rows), default=0) for m in modes}
@@ -192,7 +193,7 @@ def format_markdown(rows: Sequence[dict[str, Any]], modes: Sequence[str],
     if reference is not None:
       published = reference.errors.get(r['depth'])
       cells += [f'{published[s]:.2f}' if published else '-' for s in paper.SCHEMES]
-    lines.append('| ' + ' | '.join([models.format_depth(r['depth']), r['name'] or '-',
+    lines.append('| ' + ' | '.join([notation.format_depth(r['depth']), r['name'] or '-',
                                     f'{r["params"] / 1e6:.3f}', f'{r["flops"] / 1e6:.1f}',
                                     *cells]) + ' |')
   if reference is not None:
@@ -206,7 +207,7 @@ def format_markdown(rows: Sequence[dict[str, Any]], modes: Sequence[str],
               '| Depth | ' + ' | '.join(f'{a} − {b}' for a, b in pairs) + ' |',
               '|---|' + '---|' * len(pairs)]
     for r in rows:
-      lines.append(f'| {models.format_depth(r["depth"])} | ' + ' | '.join(
+      lines.append(f'| {notation.format_depth(r["depth"])} | ' + ' | '.join(
           _diff_cell(diffs.get((r['depth'], a, b))) for a, b in pairs) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -224,24 +225,24 @@ def format_csv(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> str:
     for mode in modes:
       if r['errors'].get(mode):
         s = stats.summarize(r['errors'][mode])
-        out.append({'depth': models.format_depth(r['depth']), 'name': r['name'],
+        out.append({'depth': notation.format_depth(r['depth']), 'name': r['name'],
                     'params': r['params'], 'flops': r['flops'], 'mode': mode, 'seeds': s.n,
                     'top1_error_mean': round(s.mean, 4), 'top1_error_std': round(s.std, 4),
                     'best_supported': mode == best})
   return file_io.csv_text(out, CSV_FIELDS)
 
 
-def format_diffs_csv(diffs: dict[tuple[models.Depth, str, str], stats.Difference]) -> str:
+def format_diffs_csv(diffs: dict[tuple[notation.Depth, str, str], stats.Difference]) -> str:
   rnd = lambda v: None if v is None else round(v, 4)  # noqa: E731
   return file_io.csv_text([
-      {'depth': models.format_depth(depth), 'a': a, 'b': b, 'n': d.n,
+      {'depth': notation.format_depth(depth), 'a': a, 'b': b, 'n': d.n,
        'mean_a_minus_b': rnd(d.mean), 'ci95_low': rnd(d.low), 'ci95_high': rnd(d.high),
        'supported': d.supported, 'seeds': ' '.join(map(str, d.seeds))}
       for (depth, a, b), d in diffs.items()], DIFF_FIELDS)
 
 
 def _tick(r: dict[str, Any]) -> str:
-  depth = models.format_depth(r['depth'])
+  depth = notation.format_depth(r['depth'])
   return f'{depth}\n{r["name"]}' if r['name'] else depth
 
 
@@ -269,7 +270,7 @@ def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], title: str, split
 
 
 def plot_differences(rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]],
-                     diffs: dict[tuple[models.Depth, str, str], stats.Difference],
+                     diffs: dict[tuple[notation.Depth, str, str], stats.Difference],
                      title: str) -> bytes:
   """Each paired difference per depth with its 95% interval; below zero: a beats b."""
   fig, canvas = file_io.new_figure((max(6.0, 1.4 * len(rows) + 2), 4.0))
@@ -310,7 +311,7 @@ def parse_paper(text: str | None) -> paper.Group | None:
 class Comparison:
   rows: list[dict[str, Any]]  # One per depth (``comparison``).
   modes: list[str]
-  diffs: dict[tuple[models.Depth, str, str], stats.Difference]
+  diffs: dict[tuple[notation.Depth, str, str], stats.Difference]
   reference: paper.Group | None  # The paper's columns beside the runs.
   markdown: str
   files: dict[str, bytes]  # comparison.{md,csv,png}, differences.{csv,png}

@@ -21,10 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
-from ddnn_jax import data, datasets, losses, models
+from ddnn_jax import data, datasets, losses
 from ddnn_jax.core import errors
+from ddnn_jax.nn import architectures, models, notation
 
 # Fields that define a run: resuming a workdir with other values is refused.
 RUN_IDENTITY = ('mode', 'model.arch', 'model.subnets', 'model.width', 'model.widths',
@@ -131,7 +133,7 @@ def _term_gradients_every_steps(value, config) -> str | None:
 
 def _num_subnets(config) -> int:
   try:
-    return len(models.subnet_specs(config.model.subnets))
+    return len(notation.subnet_specs(config.model.subnets))
   except ValueError:
     return 0
 
@@ -140,13 +142,13 @@ def _subnets(value, config) -> str | None:
   allowed = ('depths such as 2-2-2, 2-2-2@0.5, [2,2,2] or (2,2,2), a tuple of them, or names '
              'of the same family')
   try:
-    specs = models.subnet_specs(value)
+    specs = notation.subnet_specs(value)
     if config.mode == 'individual':
       if len(specs) > 1:
         return "at most one depth in mode 'individual' (() trains the full net)"
-      resolved = [models.resolve_depth(depth, config.model.arch) for depth in specs]
+      resolved = [architectures.resolve_depth(depth, config.model.arch) for depth in specs]
     else:
-      resolved = models.depth_set(config.model.arch, specs)
+      resolved = architectures.depth_set(config.model.arch, specs)
   except ValueError as err:
     return f'{allowed}: {err}'
   if config.mode != 'individual' and not specs:
@@ -170,7 +172,7 @@ def _channel_group(value, config) -> str | None:
     return 'an integer >= 1'
   if tuple(config.model.widths) == (1.0,):
     return None
-  channels = models.layer_channels(config.model.arch, config.model.width)
+  channels = architectures.layer_channels(config.model.arch, config.model.width)
   if any(c % value for c in channels):
     return (f'an integer that divides every layer width of {config.model.arch} '
             f'({", ".join(map(str, sorted(set(channels))))}) when model.widths narrows it')
@@ -180,9 +182,9 @@ def _channel_group(value, config) -> str | None:
 def _subnet_widths_allowed(depths, config) -> str | None:
   widths = tuple(config.model.widths) if 'widths' in config.model else (1.0,)
   for depth in depths:
-    if models.width_of(depth) not in widths:
+    if notation.width_of(depth) not in widths:
       return (f'sub-nets at widths of model.widths={_show(tuple(widths))}, but '
-              f'{models.format_depth(depth)} has width {models.width_of(depth):g}')
+              f'{notation.format_depth(depth)} has width {notation.width_of(depth):g}')
   return None
 
 
@@ -191,7 +193,7 @@ def _noise_ranking(value, config) -> str | None:
     return 'True or False'
   if not value:
     return None
-  if models.arch_spec(config.model.arch).family not in (
+  if architectures.arch_spec(config.model.arch).family not in (
       'cifar_resnet', 'resnet_basic', 'resnet_bottleneck'):
     return f'False for {config.model.arch}: it ranks the inner channels of ResNet blocks'
   if tuple(config.model.widths) == (1.0,):
@@ -212,7 +214,7 @@ def _sandwich_n(value, config) -> str | None:
 
 
 def _width(value, config) -> str | None:
-  family = models.arch_spec(config.model.arch).family
+  family = architectures.arch_spec(config.model.arch).family
   if value is None:
     return None
   if not _is_int(value) or value < 1:
@@ -235,7 +237,7 @@ def _per_subnet_weight(value, config) -> str | None:
 
 
 def _attention_stages(value, config) -> str | None:
-  num_stages = len(models.arch_spec(config.model.arch).stage_sizes)
+  num_stages = len(architectures.arch_spec(config.model.arch).stage_sizes)
   if value is None:
     return None
   if (isinstance(value, Sequence) and not isinstance(value, str) and value
@@ -252,7 +254,7 @@ def _image_size(value, config) -> str | None:
   if not spec.resize:
     return (None if value == spec.image_size else
             f'None for {spec.name}, whose images are all {spec.image_size}px')
-  low = _MIN_IMAGE_SIZE[models.arch_spec(config.model.arch).family]
+  low = _MIN_IMAGE_SIZE[architectures.arch_spec(config.model.arch).family]
   return None if _is_int(value) and value >= low else (
       f'None or an integer >= {low} (the total stride of {config.model.arch})')
 
@@ -282,7 +284,7 @@ RULES: dict[str, Callable[[Any, ml_collections.ConfigDict], str | None]] = {
     'mode': _one_of(losses.MODES),
     'init_from': _optional_string,
     'label': _label,
-    'model.arch': _one_of(tuple(models.ARCHS)),
+    'model.arch': _one_of(tuple(architectures.ARCHS)),
     'model.subnets': _subnets,
     'model.width': _width,
     'model.widths': _widths,
@@ -347,33 +349,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'{name}={_show(flat[name])}: must be {allowed}')
 
 
-def depths_of(config: ml_collections.ConfigDict) -> tuple[models.Depth, ...]:
+def depths_of(config: ml_collections.ConfigDict) -> tuple[notation.Depth, ...]:
   """The depths a run trains: full net first, then its sub-nets, largest first.
 
   Mode 'individual' trains one depth alone: the full net, or its one sub-net.
   """
   if config.mode == 'individual':
-    specs = models.subnet_specs(config.model.subnets)
+    specs = notation.subnet_specs(config.model.subnets)
     if specs:
-      return (models.resolve_depth(specs[0], config.model.arch),)
-    return (models.arch_spec(config.model.arch).stage_sizes,)
-  depths = models.depth_set(config.model.arch, config.model.subnets)
-  if all(models.width_of(d) == 1.0 for d in depths):
+      return (architectures.resolve_depth(specs[0], config.model.arch),)
+    return (architectures.arch_spec(config.model.arch).stage_sizes,)
+  depths = architectures.depth_set(config.model.arch, config.model.subnets)
+  if all(notation.width_of(d) == 1.0 for d in depths):
     return depths
   # Along two axes "larger" is more FLOPs (the teacher-assistant chain of IPKD-TA).
-  from ddnn_jax import datasets, flops  # pylint: disable=g-import-not-at-top
-  model = models.from_config(config)
+  from ddnn_jax import datasets  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.nn import flops  # pylint: disable=g-import-not-at-top
+  model = model_from_config(config)
   spec = datasets.get(config.data.dataset)
   shape = (config.data.image_size or spec.image_size,) * 2 + (spec.image_shape[2],)
   cost = {d: flops.profile_subnet(model, shape, d).flops for d in depths[1:]}
-  return (depths[0], *sorted(depths[1:], key=lambda d: (-cost[d], models.format_depth(d))))
+  return (depths[0], *sorted(depths[1:], key=lambda d: (-cost[d], notation.format_depth(d))))
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
   """What the training job derives from a valid config and its data."""
   model: models.DDNN
-  depths: tuple[models.Depth, ...]
+  depths: tuple[notation.Depth, ...]
   data_dir: str
   info: data.DatasetInfo
   steps_per_epoch: int
@@ -382,7 +385,7 @@ class RunSetup:
 
   @property
   def depth_names(self) -> list[str]:
-    return [models.depth_name(d) for d in self.depths]
+    return [notation.depth_name(d) for d in self.depths]
 
 
 def setup(config: ml_collections.ConfigDict) -> RunSetup:
@@ -402,7 +405,7 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
   if steps_per_epoch == 0:
     raise ConfigError(f'train.batch_size={config.train.batch_size}: must not exceed the '
                       f'{num_train} training examples')
-  model = models.from_config(config)
+  model = model_from_config(config)
   devices = jax.device_count()
   eval_batch_size = -(-config.train.eval_batch_size // devices) * devices
   return RunSetup(model, depths, data_dir, info, steps_per_epoch,
@@ -443,3 +446,13 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
   except ValueError as err:
     raise ConfigError(errors.config_load_error(spec, str(err))) from None
+
+
+def model_from_config(config) -> models.DDNN:
+  """The net of a run (``config.model`` on ``config.data.dataset``): the one function
+  training and every deploy tool build a run's model with."""
+  return models.create_model(config.model.arch, datasets.get(config.data.dataset).num_classes,
+                             width=config.model.width, dtype=jnp.dtype(config.model.dtype),
+                             bn_momentum=config.model.bn_momentum, remat=config.model.remat,
+                             channel_group=config.model.get('channel_group', 8),
+                             noise_ranking=config.model.get('noise_ranking', False))

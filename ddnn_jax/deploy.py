@@ -16,8 +16,9 @@ from typing import Any
 
 from etils import epath
 
-from ddnn_jax import cli, flops, inference, models
+from ddnn_jax import cli, inference
 from ddnn_jax.core import errors, file_io
+from ddnn_jax.nn import architectures, flops, notation
 
 EVALUATION_DIR = 'evaluation'
 FIELDS = ('step', 'depth', 'name', 'blocks', 'params', 'flops', 'latency_ms_batch_1',
@@ -48,12 +49,12 @@ def parse_step(text: str) -> str | int:
   raise argparse.ArgumentTypeError(f"'latest', 'best' or a step number, not {text!r}")
 
 
-def parse_depths(run: inference.TrainedRun, text: str) -> list[models.Depth]:
+def parse_depths(run: inference.TrainedRun, text: str) -> list[notation.Depth]:
   """Comma-separated depths (names or n-n-n) and the words 'all' (every configuration)
   and 'trained', checked against the net; each depth once, in the order given."""
   depths = []
   try:
-    items = models.parse_depths(text)
+    items = notation.parse_depths(text)
   except ValueError as err:
     raise errors.UsageError(f'--depths: {err}') from None
   for item in items:
@@ -117,7 +118,7 @@ def parse_flops(text: str) -> float:
 
 
 def measured(run: inference.TrainedRun
-             ) -> tuple[dict[models.Depth, float], dict[models.Depth, float]]:
+             ) -> tuple[dict[notation.Depth, float], dict[notation.Depth, float]]:
   """({depth: evaluated top-1 error (%)}, {depth: batch-1 latency (ms) on this backend}).
 
   Errors are those ``python -m ddnn_jax.evaluate`` wrote for this checkpoint's step, the
@@ -142,7 +143,7 @@ def read_rows(workdir: str, split: str) -> list[dict[str, str]]:
   return file_io.read_csv(str(evaluation_path(workdir, split)))
 
 
-def evaluate_depths(run: inference.TrainedRun, depths: Sequence[models.Depth], split: str,
+def evaluate_depths(run: inference.TrainedRun, depths: Sequence[notation.Depth], split: str,
                     calib_examples: int, batch_size: int, latency_repeats: int,
                     full_net_bn: bool = False, bar: Any = None,
                     split_batches: inference.SplitCache | None = None) -> list[dict[str, Any]]:
@@ -167,8 +168,8 @@ def evaluate_depths(run: inference.TrainedRun, depths: Sequence[models.Depth], s
     stats, recalibrated = inference.stats_for(run, depth, calib_examples, calibration)
     size = flops.profile_subnet(run.model, run.image_shape, depth)
     row = {
-        'step': run.step, 'depth': models.format_depth(depth),
-        'name': models.depth_label(run.config.model.arch, depth) or '',
+        'step': run.step, 'depth': notation.format_depth(depth),
+        'name': architectures.depth_label(run.config.model.arch, depth) or '',
         'blocks': sum(depth), 'params': size.params, 'flops': size.flops,
         'latency_ms_batch_1': latencies.measure(run, depth, stats, 1, latency_repeats),
         'latency_ms_batch_n': latencies.measure(run, depth, stats, batch_size, latency_repeats),
@@ -190,11 +191,11 @@ def evaluate_depths(run: inference.TrainedRun, depths: Sequence[models.Depth], s
   return rows
 
 
-def row_depth(row: dict[str, Any]) -> models.Depth:
+def row_depth(row: dict[str, Any]) -> notation.Depth:
   """The depth of a result row: '2-1-2' (or an older '[2,1,2]') -> (2, 1, 2); with a
   width, '2-1-2@0.5' -> SubNet((2, 1, 2), 0.5)."""
-  depth = models.parse_depth(str(row['depth']))
-  return models.subnet(depth, models.width_of(depth))
+  depth = notation.parse_depth(str(row['depth']))
+  return notation.subnet(depth, notation.width_of(depth))
 
 
 def merge_rows(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]
@@ -203,7 +204,7 @@ def merge_rows(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]
   step = str(new[0]['step']) if new else None
   by_depth = {row_depth(r): r for r in old if str(r['step']) == step}
   by_depth.update({row_depth(r): r for r in new})
-  return sorted(by_depth.values(), key=lambda r: (-models.width_of(row_depth(r)),
+  return sorted(by_depth.values(), key=lambda r: (-notation.width_of(row_depth(r)),
                                                   -int(r['blocks']), [-n for n in row_depth(r)]))
 
 

@@ -24,17 +24,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddnn_jax import cascading, deploy, inference, models, steps
+from ddnn_jax import cascading, deploy, inference, steps
 from ddnn_jax.core import errors
+from ddnn_jax.nn import notation
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
   probabilities: np.ndarray  # [batch, classes]
-  depth: models.Depth | None  # The depth that ran (None for a cascade: see exit_depths).
+  depth: notation.Depth | None  # The depth that ran (None for a cascade: see exit_depths).
   # A cascade: per input, the depth that answered it (its probabilities are calibrated at
   # that depth's temperature).
-  exit_depths: tuple[models.Depth, ...] | None = None
+  exit_depths: tuple[notation.Depth, ...] | None = None
 
   def top(self, k: int = 5) -> list[list[tuple[int, float]]]:
     """Per image, the k most probable (class index, probability), most probable first."""
@@ -42,9 +43,9 @@ class Prediction:
     return [[(int(c), float(p[c])) for c in row] for row, p in zip(order, self.probabilities)]
 
 
-def choose(run: inference.TrainedRun, depths: Sequence[models.Depth],
-           error_rates: dict[models.Depth, float], latencies: dict[models.Depth, float],
-           latency_ms: float) -> models.Depth:
+def choose(run: inference.TrainedRun, depths: Sequence[notation.Depth],
+           error_rates: dict[notation.Depth, float], latencies: dict[notation.Depth, float],
+           latency_ms: float) -> notation.Depth:
   """The most accurate of ``depths`` whose batch-1 latency is within ``latency_ms``."""
   known = [d for d in depths if d in error_rates and d in latencies]
   if not known:
@@ -55,7 +56,7 @@ def choose(run: inference.TrainedRun, depths: Sequence[models.Depth],
   if not fitting:
     fastest = min(known, key=latencies.get)
     raise errors.UsageError(
-        f'no depth runs within {latency_ms:g} ms: the fastest, {models.format_depth(fastest)}, '
+        f'no depth runs within {latency_ms:g} ms: the fastest, {notation.format_depth(fastest)}, '
         f'takes {latencies[fastest]:.2f} ms at batch 1 on {inference.backend_key()}')
   return min(fitting, key=lambda d: (error_rates[d], latencies[d]))
 
@@ -63,9 +64,9 @@ def choose(run: inference.TrainedRun, depths: Sequence[models.Depth],
 class DynamicModel:
   """A trained run's depths, each ready to run, over one parameter tree."""
 
-  def __init__(self, run: inference.TrainedRun, depths: Sequence[models.Depth],
-               batch_stats: dict[models.Depth, Any], error_rates: dict[models.Depth, float],
-               latencies: dict[models.Depth, float], batch_size: int,
+  def __init__(self, run: inference.TrainedRun, depths: Sequence[notation.Depth],
+               batch_stats: dict[notation.Depth, Any], error_rates: dict[notation.Depth, float],
+               latencies: dict[notation.Depth, float], batch_size: int,
                calib_examples: int = inference.DEFAULT_CALIB_EXAMPLES):
     self.run = run
     self.depths = tuple(depths)
@@ -79,18 +80,18 @@ class DynamicModel:
     self._guards = {d: steps.trace_guard(
         lambda params, stats, images, d=d: steps.depth_logits(
             run.model.apply, params, stats, images, d),
-        1, f'depth {models.format_depth(d)}') for d in self.depths}
+        1, f'depth {notation.format_depth(d)}') for d in self.depths}
     self._apply = {d: jax.jit(guard) for d, guard in self._guards.items()}
     self._executors: dict[cascading.Cascade, cascading.Executor] = {}
     self._calib_examples = calib_examples
 
   @property
-  def traces(self) -> dict[models.Depth, int]:
+  def traces(self) -> dict[notation.Depth, int]:
     """How many times each depth's apply was compiled (at most once)."""
     return {d: guard.traces for d, guard in self._guards.items()}
 
   @classmethod
-  def load(cls, workdir: str, depths: str | Sequence[models.DepthSpec] = 'trained',
+  def load(cls, workdir: str, depths: str | Sequence[notation.DepthSpec] = 'trained',
            step: str | int = 'latest', batch_size: int = 1,
            calib_examples: int = inference.DEFAULT_CALIB_EXAMPLES) -> DynamicModel:
     """Loads ``workdir``'s checkpoint (``step``) with ``depths``: 'trained', 'all',
@@ -117,17 +118,17 @@ class DynamicModel:
     return cls(run, chosen, stats, {d: error_rates[d] for d in chosen if d in error_rates},
                {d: latencies[d] for d in chosen if d in latencies}, batch_size, calib_examples)
 
-  def choose(self, latency_ms: float) -> models.Depth:
+  def choose(self, latency_ms: float) -> notation.Depth:
     """The most accurate loaded depth whose measured batch-1 latency is within ``latency_ms``."""
     return choose(self.run, self.depths, self.errors, self.latencies, latency_ms)
 
-  def logits(self, pixels: np.ndarray, depth: models.DepthSpec) -> np.ndarray:
+  def logits(self, pixels: np.ndarray, depth: notation.DepthSpec) -> np.ndarray:
     """Logits [batch, classes] of ``depth`` for images [batch, H, W, C] of pixels in
     [0, 255] (uint8 or float), normalised here as in training."""
     depth = self.run.resolve(depth)
     if depth not in self._apply:
-      raise errors.UsageError(f'depth {models.format_depth(depth)} was not loaded; loaded: '
-                                  f'{", ".join(map(models.format_depth, self.depths))}')
+      raise errors.UsageError(f'depth {notation.format_depth(depth)} was not loaded; loaded: '
+                                  f'{", ".join(map(notation.format_depth, self.depths))}')
     pixels = np.asarray(pixels)
     if pixels.ndim != 4 or pixels.shape[1:] != self.run.image_shape:
       raise ValueError(f'images must be [batch, {", ".join(map(str, self.run.image_shape))}], '
@@ -154,7 +155,7 @@ class DynamicModel:
       self._executors[cascade] = cascading.Executor(self.run, cascade, stats, self.batch_size)
     return self._executors[cascade]
 
-  def predict(self, pixels: np.ndarray, depth: models.DepthSpec | None = None,
+  def predict(self, pixels: np.ndarray, depth: notation.DepthSpec | None = None,
               latency_ms: float | None = None,
               cascade: str | dict | cascading.Cascade | None = None) -> Prediction:
     """Class probabilities from ``depth``, from the best depth within ``latency_ms``, or

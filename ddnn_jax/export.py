@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ddnn_jax import cascading, cli, deploy, flops, inference, models, steps
+from ddnn_jax import cascading, cli, deploy, inference, steps
 from ddnn_jax.core import errors
+from ddnn_jax.nn import architectures, flops, models, notation
 
 # What a process loading an artifact imports, and what to pip install for it.
 REQUIREMENTS = {
@@ -87,7 +88,7 @@ def classify(pixels):  # float32 [batch, H, W, C] in [0, 255] -> (logits, exit s
 '''
 
 
-def export_stage(run: inference.TrainedRun, depth: models.Depth, batch_stats: dict[str, Any],
+def export_stage(run: inference.TrainedRun, depth: notation.Depth, batch_stats: dict[str, Any],
                  resume_at: int = 0, capture_at: int = 0) -> tuple[bytes, dict[str, np.ndarray]]:
   """(serialized StableHLO, flat variables) of ``depth`` as a cascade stage
   (``DDNN.cascade_stage``): from pixels in [0, 255] (normalised inside), or with
@@ -115,13 +116,13 @@ def export_stage(run: inference.TrainedRun, depth: models.Depth, batch_stats: di
   return exported.serialize(), flat
 
 
-def export_depth(run: inference.TrainedRun, depth: models.Depth, batch_stats: dict[str, Any]
+def export_depth(run: inference.TrainedRun, depth: notation.Depth, batch_stats: dict[str, Any]
                  ) -> tuple[bytes, dict[str, np.ndarray]]:
   """(serialized StableHLO, flat variables) of ``depth``: pixels in [0, 255] -> logits."""
   return export_stage(run, depth, batch_stats)
 
 
-def _handed_shape(run: inference.TrainedRun, depth: models.Depth, module: int):
+def _handed_shape(run: inference.TrainedRun, depth: notation.Depth, module: int):
   """(H, W, C) of ``depth``'s output of its module number ``module``."""
   variables = models.variable_shapes(run.model, run.image_shape, depth)
   image = jax.ShapeDtypeStruct((1, *run.image_shape), jnp.float32)
@@ -130,7 +131,7 @@ def _handed_shape(run: inference.TrainedRun, depth: models.Depth, module: int):
   return handed.shape[1:]
 
 
-def _error_on(run: inference.TrainedRun, depth: models.Depth) -> dict[str, float]:
+def _error_on(run: inference.TrainedRun, depth: notation.Depth) -> dict[str, float]:
   """Top-1 errors of ``depth`` from ``ddnn_jax.evaluate`` results at this step, by split."""
   found = {}
   for split in ('test', 'validation'):
@@ -152,12 +153,13 @@ def _input_metadata(run: inference.TrainedRun) -> dict[str, Any]:
           'scale': scale.tolist(), 'shift': shift.tolist()}
 
 
-def depth_metadata(run: inference.TrainedRun, depth: models.Depth, recalibrated: bool,
+def depth_metadata(run: inference.TrainedRun, depth: notation.Depth, recalibrated: bool,
                    loader: str) -> dict[str, Any]:
   size = flops.profile_subnet(run.model, run.image_shape, depth)
   return {
-      'depth': list(depth), 'depth_name': models.depth_name(depth),
-      'arch': run.config.model.arch, 'name': models.depth_label(run.config.model.arch, depth),
+      'depth': list(depth), 'depth_name': notation.depth_name(depth),
+      'arch': run.config.model.arch,
+      'name': architectures.depth_label(run.config.model.arch, depth),
       'dataset': run.config.data.dataset, 'workdir': os.path.abspath(run.workdir),
       'step': run.step, 'batch_norm': 'recalibrated' if recalibrated else 'trained',
       'input': _input_metadata(run),
@@ -190,7 +192,7 @@ def _write_cascade(run: inference.TrainedRun, cascade: cascading.Cascade, chosen
     metadata['cascade_stage'] = {'index': k, 'input': 'previous' if resume else 'pixels',
                                  'hands_on': bool(capture), 'resumes_after_module': resume}
     _write_artifact(os.path.join(staging, f'stage{k}'), serialized, variables, metadata)
-    stages.append({'dir': f'stage{k}', 'depth': models.format_depth(depth),
+    stages.append({'dir': f'stage{k}', 'depth': notation.format_depth(depth),
                    'input': 'previous' if resume else 'pixels', 'hands_on': bool(capture),
                    'flops': metadata['flops']})
   spec = {**cascading.to_json(cascade, run), 'stages': stages,
@@ -246,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       serialized, variables = export_depth(run, depth, stats)
       metadata = depth_metadata(run, depth, recalibrated, LOADER.format(out=out))
       _write_artifact(staging, serialized, variables, metadata)
-      message = (f'exported {models.format_depth(depth)} ({metadata["params"]:,} params, '
+      message = (f'exported {notation.format_depth(depth)} ({metadata["params"]:,} params, '
                  f'{metadata["flops"] / 1e6:.2f}M FLOPs, BN {metadata["batch_norm"]}) to {out}')
       loader = LOADER
     if os.path.isdir(out):

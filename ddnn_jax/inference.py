@@ -24,8 +24,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddnn_jax import checkpoints, config_lib, data, datasets, models, steps, workdir as workdir_lib
+from ddnn_jax import checkpoints, config_lib, data, datasets, steps, workdir as workdir_lib
 from ddnn_jax.core import errors, file_io
+from ddnn_jax.nn import architectures, models, notation
 
 LATENCY_FILE = 'latency.json'
 CALIBRATION_DIR = 'bn_calibration'
@@ -44,59 +45,59 @@ class TrainedRun:
   step: int
   params: dict[str, Any]
   batch_stats: dict[str, Any]  # depth_name -> statistics, for the depths the run trained
-  trained_depths: tuple[models.Depth, ...]
+  trained_depths: tuple[notation.Depth, ...]
   facts: dict[str, Any] | None = None  # workdir/dataset.json (None: a run from before it).
 
   @property
-  def full_depth(self) -> models.Depth:
+  def full_depth(self) -> notation.Depth:
     return self.model.stage_sizes
 
-  def is_trained(self, depth: models.Depth) -> bool:
-    return models.depth_name(depth) in self.batch_stats
+  def is_trained(self, depth: notation.Depth) -> bool:
+    return notation.depth_name(depth) in self.batch_stats
 
   @property
   def widths(self) -> tuple[float, ...]:
     """The width multipliers the run's net has (model.widths), widest first."""
     return tuple(sorted(self.config.model.get('widths', (1.0,)), reverse=True))
 
-  def resolve(self, spec: models.DepthSpec) -> models.Depth:
+  def resolve(self, spec: notation.DepthSpec) -> notation.Depth:
     """A depth of this net from a name ('resnet32'), text ('2-2-1', '2-2-1@0.5') or block
     counts, at one of the run's widths."""
     try:
       if isinstance(spec, str):
-        spec = models.parse_depth(spec)
-      depth = models.resolve_depth(spec, self.config.model.arch)
+        spec = notation.parse_depth(spec)
+      depth = architectures.resolve_depth(spec, self.config.model.arch)
     except ValueError as err:
       raise errors.UsageError(str(err)) from None
-    if models.width_of(depth) not in self.widths:
+    if notation.width_of(depth) not in self.widths:
       raise errors.UsageError(
-          f'depth {models.format_depth(depth)}: width {models.width_of(depth):g} is not one of '
+          f'depth {notation.format_depth(depth)}: width {notation.width_of(depth):g} is not one of '
           f'the run\'s model.widths ({", ".join(f"{w:g}" for w in self.widths)})')
     return depth
 
-  def all_depths(self) -> list[models.Depth]:
+  def all_depths(self) -> list[notation.Depth]:
     """Every depth configuration of the net at every width: the full net first, then
     fewer blocks, then the same at each narrower width."""
     blocks = sorted(enumerate_depths(self.full_depth), key=lambda d: (-sum(d), tuple(-n for n in d)))
-    return [models.subnet(d, w) for w in self.widths for d in blocks]
+    return [notation.subnet(d, w) for w in self.widths for d in blocks]
 
-  def used_params(self, depth: models.Depth) -> dict[str, Any]:
+  def used_params(self, depth: notation.Depth) -> dict[str, Any]:
     """The parameters ``depth`` runs: the full net's tree without the skipped blocks, and
     at a narrower width only the channels it runs (the leading ones of every layer)."""
     return models.select_used(self.params, self._shapes(depth)['params'])
 
-  def _shapes(self, depth: models.Depth):
+  def _shapes(self, depth: notation.Depth):
     return models.variable_shapes(self.model, self.image_shape, depth)
 
-  def full_net_stats(self, depth: models.Depth) -> dict[str, Any] | None:
+  def full_net_stats(self, depth: notation.Depth) -> dict[str, Any] | None:
     """The full net's BN statistics of the modules ``depth`` runs (what a depth would be
     evaluated with if it were not recalibrated), or None if the run did not train it."""
-    full = self.batch_stats.get(models.depth_name(self.full_depth))
-    if full is None or models.width_of(depth) != 1.0:
+    full = self.batch_stats.get(notation.depth_name(self.full_depth))
+    if full is None or notation.width_of(depth) != 1.0:
       return None  # (Other widths normalise other channels.)
     return models.select_used(full, self._shapes(depth)['batch_stats'])
 
-  def placeholder_stats(self, depth: models.Depth) -> dict[str, Any]:
+  def placeholder_stats(self, depth: notation.Depth) -> dict[str, Any]:
     """BN statistics of the right shapes for ``depth`` (zero means, unit variances)."""
     shapes = self._shapes(depth)['batch_stats']
     return _map_bn(shapes, lambda mean, var: {'mean': np.zeros(mean.shape, np.float32),
@@ -117,7 +118,7 @@ class TrainedRun:
     return self.spec.normalization()
 
 
-def enumerate_depths(full: models.Depth) -> list[models.Depth]:
+def enumerate_depths(full: notation.Depth) -> list[notation.Depth]:
   return [tuple(int(n) for n in depth) for depth in np.ndindex(*full)
           for depth in [tuple(i + 1 for i in depth)]]
 
@@ -153,8 +154,8 @@ def load_run(workdir: str, step: str | int = 'latest') -> TrainedRun:
   """The run in ``workdir`` at a checkpoint: 'latest', 'best' or a step number."""
   config = load_config(workdir)
   step, params, batch_stats = checkpoints.restore_variables(workdir, step)
-  trained = tuple(d for d in config_lib.depths_of(config) if models.depth_name(d) in batch_stats)
-  return TrainedRun(str(workdir), config, models.from_config(config),
+  trained = tuple(d for d in config_lib.depths_of(config) if notation.depth_name(d) in batch_stats)
+  return TrainedRun(str(workdir), config, config_lib.model_from_config(config),
                     datasets.get(config.data.dataset), input_shape(config), step, params,
                     batch_stats, trained, workdir_lib.read_dataset_facts(workdir))
 
@@ -162,7 +163,7 @@ def load_run(workdir: str, step: str | int = 'latest') -> TrainedRun:
 # --- inference of one depth ----------------------------------------------------------
 
 
-def logits_fn(model: models.DDNN, depth: models.Depth):
+def logits_fn(model: models.DDNN, depth: notation.Depth):
   """Jitted ``(params, batch_stats, normalised images) -> logits`` of one depth."""
   return jax.jit(lambda params, stats, images: steps.depth_logits(
       model.apply, params, stats, images, depth))
@@ -212,7 +213,7 @@ class SplitCache:
     return iter(self._cached)
 
 
-def accuracy(run: TrainedRun, depth: models.Depth, batch_stats, batches: Iterable[dict]
+def accuracy(run: TrainedRun, depth: notation.Depth, batch_stats, batches: Iterable[dict]
              ) -> float:
   """Top-1 accuracy of ``depth`` with ``batch_stats`` over ``batches`` (padding masked)."""
   apply = logits_fn(run.model, depth)
@@ -230,7 +231,7 @@ def accuracy(run: TrainedRun, depth: models.Depth, batch_stats, batches: Iterabl
 # --- BatchNorm recalibration -----------------------------------------------------------
 
 
-def recalibrate(run: TrainedRun, depth: models.Depth, batches: Iterable[dict]) -> dict[str, Any]:
+def recalibrate(run: TrainedRun, depth: notation.Depth, batches: Iterable[dict]) -> dict[str, Any]:
   """Exact BatchNorm statistics of ``depth`` over the calibration ``batches``.
 
   Each batch runs in train mode; every BatchNorm's batch mean and variance are
@@ -275,19 +276,19 @@ def calibration_batches(run: TrainedRun, examples: int, batch_size: int = DEFAUL
   return list(_batches(run, 'calibration', min(batch_size, examples), subset=examples))
 
 
-def _calibration_path(run: TrainedRun, depth: models.Depth, examples: int) -> epath.Path:
+def _calibration_path(run: TrainedRun, depth: notation.Depth, examples: int) -> epath.Path:
   return (epath.Path(run.workdir) / CALIBRATION_DIR / str(run.step) /
-          f'{models.depth_name(depth)}-{examples}.npz')
+          f'{notation.depth_name(depth)}-{examples}.npz')
 
 
-def stats_for(run: TrainedRun, depth: models.Depth, calib_examples: int = DEFAULT_CALIB_EXAMPLES,
+def stats_for(run: TrainedRun, depth: notation.Depth, calib_examples: int = DEFAULT_CALIB_EXAMPLES,
               batches: Sequence[dict] | None = None) -> tuple[dict[str, Any], bool]:
   """(BatchNorm statistics of ``depth``, whether they were recalibrated).
 
   A trained depth has its own. Any other is recalibrated once per checkpoint and kept in
   ``workdir/bn_calibration/<step>/`` (so deployment needs no data afterwards).
   """
-  name = models.depth_name(depth)
+  name = notation.depth_name(depth)
   if name in run.batch_stats:
     return run.batch_stats[name], False
   path = _calibration_path(run, depth, calib_examples)
@@ -340,7 +341,7 @@ def backend_key() -> str:
   return device.platform if kind.lower() == device.platform else f'{device.platform}:{kind}'
 
 
-def measure_latency(run: TrainedRun, depth: models.Depth, batch_stats, batch_size: int,
+def measure_latency(run: TrainedRun, depth: notation.Depth, batch_stats, batch_size: int,
                     repeats: int = 20, warmup: int = 3) -> float:
   """Median milliseconds of ``repeats`` timed calls at ``batch_size``, after warm-up calls
   (the first compiles), on the current backend."""
@@ -374,16 +375,16 @@ class LatencyTable:
     self.table: dict[str, dict[str, dict[str, float]]] = (
         json.loads(self.path.read_text()) if self.path.exists() else {})
 
-  def get(self, depth: models.Depth, batch_size: int, backend: str | None = None
+  def get(self, depth: notation.Depth, batch_size: int, backend: str | None = None
           ) -> float | None:
-    row = self.table.get(backend or backend_key(), {}).get(models.depth_name(depth), {})
+    row = self.table.get(backend or backend_key(), {}).get(notation.depth_name(depth), {})
     return row.get(f'batch_{batch_size}_ms')
 
-  def put(self, depth: models.Depth, batch_size: int, ms: float) -> None:
-    row = self.table.setdefault(backend_key(), {}).setdefault(models.depth_name(depth), {})
+  def put(self, depth: notation.Depth, batch_size: int, ms: float) -> None:
+    row = self.table.setdefault(backend_key(), {}).setdefault(notation.depth_name(depth), {})
     row[f'batch_{batch_size}_ms'] = round(ms, 4)
 
-  def measure(self, run: TrainedRun, depth: models.Depth, batch_stats, batch_size: int,
+  def measure(self, run: TrainedRun, depth: notation.Depth, batch_stats, batch_size: int,
               repeats: int = 20, remeasure: bool = False) -> float:
     known = self.get(depth, batch_size)
     if known is None or remeasure:

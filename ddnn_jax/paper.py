@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from ddnn_jax import models
+from ddnn_jax.nn import architectures, notation
 
 SCHEMES = ('individual', 'ddnn', 'ekd')
 SOURCE = 'Zhao et al., arXiv:2103.00793'
@@ -28,10 +28,10 @@ class Group:
   table: str  # 'Table 1' or 'Table 2'.
   arch: str  # The full net.
   # Depth -> scheme -> top-1 error (%), full net first, then the sub-nets largest first.
-  errors: Mapping[models.Depth, Mapping[str, float]]
+  errors: Mapping[notation.Depth, Mapping[str, float]]
 
   @property
-  def depths(self) -> tuple[models.Depth, ...]:
+  def depths(self) -> tuple[notation.Depth, ...]:
     return tuple(self.errors)
 
   @property
@@ -39,7 +39,8 @@ class Group:
     return f'{self.table}, {self.dataset} {self.name}'
 
 
-def _errors(*rows: tuple[models.Depth, float, float, float]) -> dict[models.Depth, dict[str, float]]:
+def _errors(*rows: tuple[notation.Depth, float, float, float]
+            ) -> dict[notation.Depth, dict[str, float]]:
   return {depth: dict(zip(SCHEMES, values)) for depth, *values in rows}
 
 
@@ -100,7 +101,7 @@ def get(dataset: str, name: str) -> Group:
   raise ValueError(f'no paper group {dataset}:{name}; known: {known}')
 
 
-def matching(dataset: str, arch: str, depths: Sequence[models.Depth]) -> Group | None:
+def matching(dataset: str, arch: str, depths: Sequence[notation.Depth]) -> Group | None:
   """The paper's group of this dataset, full net and depth set (any order), if any."""
   wanted = {tuple(d) for d in depths}
   for group in GROUPS:
@@ -109,7 +110,7 @@ def matching(dataset: str, arch: str, depths: Sequence[models.Depth]) -> Group |
   return None
 
 
-def nearest(arch: str, depths: Sequence[models.Depth], dataset: str = 'cifar10') -> Group | None:
+def nearest(arch: str, depths: Sequence[notation.Depth], dataset: str = 'cifar10') -> Group | None:
   """For orientation on data the paper did not use: the ``dataset`` group with this full
   net that shares most depths with ``depths`` (None if no group has this full net)."""
   wanted = {tuple(d) for d in depths}
@@ -129,8 +130,8 @@ def markdown_table() -> str:
            '|---|---|---|---|---|---|']
   for group in GROUPS:
     for k, (depth, errors) in enumerate(group.errors.items()):
-      label = models.depth_label(group.arch, depth) or '-'
+      label = architectures.depth_label(group.arch, depth) or '-'
       preset = f'`{PRESET_FILES[group.dataset]}:{group.name}`' if k == 0 else ''
-      lines.append(f'| {preset} | {models.format_depth(depth)} | {label} | '
+      lines.append(f'| {preset} | {notation.format_depth(depth)} | {label} | '
                    + ' | '.join(f'{errors[s]:.2f}' for s in SCHEMES) + ' |')
   return '\n'.join(lines) + '\n'

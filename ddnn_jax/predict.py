@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ddnn_jax import cascading, cli, deploy, dynamic, inference, models
+from ddnn_jax import cascading, cli, deploy, dynamic, inference
 from ddnn_jax.core import errors, file_io
+from ddnn_jax.nn import notation
 
 
 def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
@@ -74,16 +75,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   names = model.class_names
   depths = prediction.exit_depths or (prediction.depth,) * len(args.images)
   if cascade:
-    print(f'cascade {" -> ".join(map(models.format_depth, cascade.depths))}, thresholds '
+    print(f'cascade {" -> ".join(map(notation.format_depth, cascade.depths))}, thresholds '
           f'{", ".join(f"{t:g}" for t in cascade.thresholds)} ({cascade.score})')
   else:
-    print(f'depth {models.format_depth(prediction.depth)}'
+    print(f'depth {notation.format_depth(prediction.depth)}'
           + (f' (most accurate within {args.latency_ms:g} ms)' if args.latency_ms else ''))
   rows = []
   for path, top, depth in zip(args.images, prediction.top(args.top), depths, strict=True):
     shown = ', '.join(f'{names[c]} {p:.1%}' for c, p in top)
-    print(f'{path}: {shown}' + (f' (depth {models.format_depth(depth)})' if cascade else ''))
-    rows.append({'image': path, 'depth': models.format_depth(depth),
+    print(f'{path}: {shown}' + (f' (depth {notation.format_depth(depth)})' if cascade else ''))
+    rows.append({'image': path, 'depth': notation.format_depth(depth),
                  **{f'top{i + 1}': names[c] for i, (c, _) in enumerate(top)},
                  **{f'p{i + 1}': f'{p:.6f}' for i, (_, p) in enumerate(top)}})
   if args.out:

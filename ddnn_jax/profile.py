@@ -4,7 +4,7 @@ r"""Params and FLOPs (multiply-adds of one image) of each depth of a DDNN.
   python -m ddnn_jax.profile --config configs/imagenet.py:r50_r26
   python -m ddnn_jax.profile mobilenet_v1            # every width: 0.25, 0.5, 0.75, 1.0
 
-Counted on the traced model (``ddnn_jax.flops``), the same with oneDNN's convolutions on
+Counted on the traced model (``ddnn_jax.nn.flops``), the same with oneDNN's convolutions on
 or off. Writes the table to ``--out`` (Markdown) when given, and prints it.
 """
 
@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ddnn_jax import cli, config_lib, datasets, flops, models
+from ddnn_jax import cli, config_lib, datasets
 from ddnn_jax.core import file_io
+from ddnn_jax.nn import architectures, flops, models, notation
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.ArgumentParser(
       prog='python -m ddnn_jax.profile', doc=__doc__, aliases={'--subnets': '--depths'},
       example='python -m ddnn_jax.profile resnet50 --depths 3-4-4-3,3-3-3-3')
-  parser.add_argument('arch', nargs='?', help=f'full net: {", ".join(models.ARCHS)}')
+  parser.add_argument('arch', nargs='?', help=f'full net: {", ".join(architectures.ARCHS)}')
   parser.add_argument('--config', help='a config file (FILE.py[:GROUP]): its net, sub-nets, '
                       'input size and classes')
   parser.add_argument('--depths', default='',
@@ -50,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       width = config.model.width
     else:
       arch = args.arch
-      imagenet = models.arch_spec(arch).family.startswith('resnet_')
-      depths = models.depth_set(arch, models.parse_depths(args.depths))
+      imagenet = architectures.arch_spec(arch).family.startswith('resnet_')
+      depths = architectures.depth_set(arch, notation.parse_depths(args.depths))
       size = args.image or (224 if imagenet else 32)
       shape, classes = (size, size, args.channels), args.classes or (1000 if imagenet else 10)
       width = None
@@ -65,14 +66,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   elif args.config:
     widths = (1.0,)  # The config's depth set, each at its own width.
   else:
-    widths = (0.25, 0.5, 0.75, 1.0) if 'mobilenet' in models.arch_spec(arch).family else (1.0,)
+    mobilenet = 'mobilenet' in architectures.arch_spec(arch).family
+    widths = (0.25, 0.5, 0.75, 1.0) if mobilenet else (1.0,)
   if not all(0 < w <= 1 for w in widths):
     parser.error(f'--widths {args.widths!r}: numbers in (0, 1] joined by commas')
   group = config.model.get('channel_group', 8) if args.config else args.channel_group
   model = models.create_model(arch, classes, width=width, channel_group=group)
-  subnets = [d if models.width_of(d) != 1.0 else models.subnet(d, w)
+  subnets = [d if notation.width_of(d) != 1.0 else notation.subnet(d, w)
              for w in sorted(widths, reverse=True) for d in depths
-             if models.width_of(d) == 1.0 or w == 1.0]
+             if notation.width_of(d) == 1.0 or w == 1.0]
   rows = [flops.profile_subnet(model, shape, d) for d in subnets]
   table = flops.format_profile_table(arch, rows)
   if args.out:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_jax import models
 from ddnn_jax.core import file_io
+from ddnn_jax.nn import architectures, notation
 
 METRICS_FILE = 'metrics.jsonl'
 TB_DIR = 'tb'
@@ -235,7 +235,7 @@ def results_rows(names: Sequence[str], depths: Sequence[Any],
   for i, (name, depth, n_params, n_flops, acc) in enumerate(zip(*columns[:5])):
     rows.append({
         'name': str(name),
-        'depth': models.format_depth(depth),
+        'depth': notation.format_depth(depth),
         'params': int(round(_to_float('params', n_params))),
         'flops': int(round(_to_float('flops', n_flops))),
         'top1_error': _error_percent(name, acc),
@@ -249,7 +249,8 @@ def depth_results(arch: str, profiles: Sequence[Any], top1_acc: Sequence[float],
                   val_top1_acc: Sequence[float] | None = None) -> list[dict[str, Any]]:
   """The results rows of a run's depths (full net first): each named after the net it
   equals ('resnet32'), else after its block counts ('2-2-2')."""
-  names = [models.depth_label(arch, p.depth) or models.depth_name(p.depth) for p in profiles]
+  names = [architectures.depth_label(arch, p.depth) or notation.depth_name(p.depth)
+           for p in profiles]
   return results_rows(names, [p.depth for p in profiles], [p.params for p in profiles],
                       [p.flops for p in profiles], top1_acc, val_top1_acc)
 

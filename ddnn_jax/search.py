@@ -25,30 +25,31 @@ from typing import Any
 
 from etils import epath
 
-from ddnn_jax import cli, deploy, flops, inference, models
+from ddnn_jax import cli, deploy, inference
 from ddnn_jax.core import errors, file_io
+from ddnn_jax.nn import flops, notation
 
 SEARCH_DIR = 'search'
-Scores = Mapping[models.Depth, tuple[float, float]]  # depth -> (top-1 error, FLOPs)
+Scores = Mapping[notation.Depth, tuple[float, float]]  # depth -> (top-1 error, FLOPs)
 
 
-def children(depth: models.Depth, widths: Sequence[float] = (1.0,)) -> list[models.Depth]:
+def children(depth: notation.Depth, widths: Sequence[float] = (1.0,)) -> list[notation.Depth]:
   """The sub-nets one step smaller: one stage loses its last block (stages keep >= 1), or
   the whole net runs at the next narrower of ``widths``."""
-  width = models.width_of(depth)
-  blocks = models.blocks_of(depth)
-  smaller = [models.subnet(blocks[:s] + (n - 1,) + blocks[s + 1:], width)
+  width = notation.width_of(depth)
+  blocks = notation.blocks_of(depth)
+  smaller = [notation.subnet(blocks[:s] + (n - 1,) + blocks[s + 1:], width)
              for s, n in enumerate(blocks) if n > 1]
   narrower = sorted(w for w in widths if w < width)
   if narrower:
-    smaller.append(models.subnet(blocks, narrower[-1]))
+    smaller.append(notation.subnet(blocks, narrower[-1]))
   return smaller
 
 
-def progressive_search(full: models.Depth,
-                       evaluate_fn: Callable[[list[models.Depth]], Scores],
+def progressive_search(full: notation.Depth,
+                       evaluate_fn: Callable[[list[notation.Depth]], Scores],
                        beam: int, widths: Sequence[float] = (1.0,)
-                       ) -> dict[models.Depth, tuple[float, float]]:
+                       ) -> dict[notation.Depth, tuple[float, float]]:
   """Beam search from the full net down to one block per stage (at the narrowest width).
 
   ``evaluate_fn(depths)`` returns {depth: (error, flops)}. At each size, the ``beam``
@@ -58,7 +59,7 @@ def progressive_search(full: models.Depth,
   scores = dict(evaluate_fn([full]))
   frontier = [full]
   while True:
-    parents: dict[models.Depth, list[models.Depth]] = {}
+    parents: dict[notation.Depth, list[notation.Depth]] = {}
     for parent in frontier:
       for child in children(parent, widths):
         parents.setdefault(child, []).append(parent)
@@ -128,12 +129,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   run = inference.load_run(args.workdir, args.step)
   deploy.check_split(run, args.split)
   deploy.warn_if_selecting_on_test(args.split, 'the depths and their fronts are')
-  smallest = models.subnet((1,) * len(run.full_depth), min(run.widths))
+  smallest = notation.subnet((1,) * len(run.full_depth), min(run.widths))
   smallest_flops = flops.profile_subnet(run.model, run.image_shape, smallest).flops
   if args.max_flops is not None and args.max_flops < smallest_flops:
     raise errors.UsageError(
         f'--max_flops {args.max_flops / 1e6:g}M is below the smallest depth, '
-        f'{models.format_depth(smallest)}, which needs {smallest_flops / 1e6:.2f}M')
+        f'{notation.format_depth(smallest)}, which needs {smallest_flops / 1e6:.2f}M')
   latencies = inference.LatencyTable(run.workdir)
   if args.max_latency_ms is not None:
     # Timing does not depend on the statistics' values: no recalibration (or writing) yet.
@@ -142,14 +143,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.max_latency_ms < fastest:
       raise errors.UsageError(
           f'--max_latency_ms {args.max_latency_ms:g} is below the smallest depth, '
-          f'{models.format_depth(smallest)}, which takes {fastest:.2f} ms at batch 1 on '
+          f'{notation.format_depth(smallest)}, which takes {fastest:.2f} ms at batch 1 on '
           f'{inference.backend_key()}')
     latencies.save()
 
   split_batches = inference.SplitCache(run, args.split, args.batch_size)
-  rows_by_depth: dict[models.Depth, dict[str, Any]] = {}
+  rows_by_depth: dict[notation.Depth, dict[str, Any]] = {}
 
-  def evaluate_fn(depths: list[models.Depth]) -> dict[models.Depth, tuple[float, float]]:
+  def evaluate_fn(depths: list[notation.Depth]) -> dict[notation.Depth, tuple[float, float]]:
     rows = deploy.evaluate_depths(run, depths, args.split, args.calib_examples,
                                   args.batch_size, args.latency_repeats, bar=bar,
                                   split_batches=split_batches)

@@ -19,8 +19,9 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from ddnn_jax import losses, models, ranking
+from ddnn_jax import losses
 from ddnn_jax.core import parallel
+from ddnn_jax.nn import models, notation, ranking
 
 
 class TrainState(train_state.TrainState):
@@ -47,7 +48,7 @@ class LossWeights:
                noise_penalty=float(config.loss.noise_penalty) if ranked else 0.0)
 
 
-def create_train_state(rng: jax.Array, model: models.DDNN, depths: Sequence[models.Depth],
+def create_train_state(rng: jax.Array, model: models.DDNN, depths: Sequence[notation.Depth],
                        tx: optax.GradientTransformation,
                        image_shape: Sequence[int]) -> TrainState:
   """Initialises the full net's parameters and one set of BN statistics per depth."""
@@ -57,7 +58,7 @@ def create_train_state(rng: jax.Array, model: models.DDNN, depths: Sequence[mode
   for depth in depths:
     used = models.variable_shapes(model, image_shape, depth)
     # A copy: each depth owns its statistics (and donated buffers must not alias).
-    batch_stats[models.depth_name(depth)] = jax.tree.map(
+    batch_stats[notation.depth_name(depth)] = jax.tree.map(
         jnp.copy, models.select_used(variables['batch_stats'], used['batch_stats']))
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                            batch_stats=batch_stats)
@@ -70,7 +71,7 @@ def _train_forward(state: TrainState, params, images, depths, need_attention: bo
   ``shared_trunk`` runs the depths as one prefix tree (``DDNN.train_forward``); without
   it each depth is its own forward pass (the reference the shared trunk must equal).
   """
-  names = [models.depth_name(d) for d in depths]
+  names = [notation.depth_name(d) for d in depths]
   # Only a net with model.noise_ranking draws from it; a resumed run draws the same.
   rngs = {'noise': jax.random.fold_in(jax.random.key(0), state.step)}
   if shared_trunk:
@@ -96,7 +97,7 @@ def _accuracy(logits, labels):
 
 
 def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *,
-                   depths: tuple[models.Depth, ...], mode: str,
+                   depths: tuple[notation.Depth, ...], mode: str,
                    weights: LossWeights = LossWeights(), shared_trunk: bool = True):
   """The objective of ``mode`` on ``batch`` and its gradient with respect to the parameters.
 
@@ -119,7 +120,7 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *,
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
-               depths: tuple[models.Depth, ...], mode: str, weights: LossWeights = LossWeights(),
+               depths: tuple[notation.Depth, ...], mode: str, weights: LossWeights = LossWeights(),
                shared_trunk: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on every depth in ``depths`` (full net first).
 
@@ -136,7 +137,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
 
 def term_gradient_norms(state: TrainState, batch: dict[str, jax.Array], *,
-                        depths: tuple[models.Depth, ...], mode: str,
+                        depths: tuple[notation.Depth, ...], mode: str,
                         weights: LossWeights = LossWeights(), shared: Any = None,
                         shared_trunk: bool = True) -> dict[str, jax.Array]:
   """Each weighted loss term (``losses.weighted_terms``) and the L2 norm of its gradient.
@@ -173,7 +174,7 @@ def term_gradient_norms(state: TrainState, batch: dict[str, jax.Array], *,
   return out
 
 
-def jit_term_gradient_norms(depths: tuple[models.Depth, ...], mode: str,
+def jit_term_gradient_norms(depths: tuple[notation.Depth, ...], mode: str,
                             weights: LossWeights = LossWeights(), mesh: Mesh | None = None,
                             shared: Any = None):
   """``term_gradient_norms`` jitted like the train step (batch sharded over ``mesh``)."""
@@ -194,7 +195,7 @@ def _state_batch_shardings(mesh: Mesh | None) -> dict[str, Any]:
               out_shardings=replicated)
 
 
-def depth_logits(apply_fn, params, batch_stats, images, depth: models.Depth) -> jax.Array:
+def depth_logits(apply_fn, params, batch_stats, images, depth: notation.Depth) -> jax.Array:
   """Inference of one depth with its own BatchNorm statistics: the apply every evaluation
   and deployment path (eval step, ``ddnn_jax.evaluate``, export, ``DynamicModel``) uses."""
   return apply_fn({'params': params, 'batch_stats': batch_stats}, images, depth=depth,
@@ -202,7 +203,7 @@ def depth_logits(apply_fn, params, batch_stats, images, depth: models.Depth) -> 
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
-              depths: tuple[models.Depth, ...]) -> dict[str, jax.Array]:
+              depths: tuple[notation.Depth, ...]) -> dict[str, jax.Array]:
   """Sums (not means) of correct predictions, CE and examples per depth, so batches add up.
 
   ``batch['mask']`` (optional, 1 = real example) excludes the padding of a last batch.
@@ -210,7 +211,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
   images, labels = batch['image'], batch['label']
   mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
   logits = jnp.stack([
-      depth_logits(state.apply_fn, state.params, state.batch_stats[models.depth_name(depth)],
+      depth_logits(state.apply_fn, state.params, state.batch_stats[notation.depth_name(depth)],
                    images, depth) for depth in depths])
   log_probs = jax.nn.log_softmax(logits)
   ce = -jnp.take_along_axis(log_probs, labels[None, :, None], axis=-1)[..., 0]
@@ -239,7 +240,7 @@ def trace_guard(fn: Callable[..., Any], max_traces: int, what: str) -> Callable[
   return guarded
 
 
-def jit_steps(depths: tuple[models.Depth, ...], mode: str, weights: LossWeights = LossWeights(),
+def jit_steps(depths: tuple[notation.Depth, ...], mode: str, weights: LossWeights = LossWeights(),
               mesh: Mesh | None = None, max_traces: int | None = None, shared_trunk: bool = True):
   """Jitted (train_step, eval_step) for one depth set.
 

@@ -26,8 +26,9 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ddnn_jax import comparison, config_lib, losses, models, records, stats
+from ddnn_jax import comparison, config_lib, losses, records, stats
 from ddnn_jax.core import errors
+from ddnn_jax.nn import notation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +60,13 @@ def parse_schemes(text: str, seeds: int) -> list[tuple[str, int]]:
   return schemes
 
 
-def individual_runs(depths: Sequence[models.Depth], seed: int,
+def individual_runs(depths: Sequence[notation.Depth], seed: int,
                     extra: tuple[str, ...] = (), suffix: str = '') -> list[Run]:
   """Each depth trained alone: the full net (no sub-nets), then each sub-net."""
   runs = []
   for k, depth in enumerate(depths):
     subnets = '()' if k == 0 else f'({tuple(depth)},)'
-    runs.append(Run(f'individual-{models.depth_name(depth)}{suffix}-seed{seed}', 'individual',
+    runs.append(Run(f'individual-{notation.depth_name(depth)}{suffix}-seed{seed}', 'individual',
                     seed, ('--config.mode=individual', f'--config.model.subnets={subnets}',
                            f'--config.seed={seed}', *extra)))
   return runs
@@ -80,7 +81,7 @@ def variant_run(label: str, mode: str, seed: int, overrides: Sequence[str] = (),
              None if label == mode else label)
 
 
-def scheme_runs(depths: Sequence[models.Depth], has_subnets: bool,
+def scheme_runs(depths: Sequence[notation.Depth], has_subnets: bool,
                 schemes: Sequence[tuple[str, int]]) -> list[Run]:
   """A study of schemes, seed by seed, so that the first seeds of every scheme finish
   first: ``individual-<depth>-seed<k>`` and ``<scheme>-seed<k>``."""
@@ -159,14 +160,14 @@ def choose_setting(settings: Mapping[str, Setting]) -> str:
 
 
 def core_differences(record_root: str, names: Sequence[str]
-                     ) -> dict[tuple[models.Depth, str, str], stats.Difference]:
+                     ) -> dict[tuple[notation.Depth, str, str], stats.Difference]:
   """EKD - individual and EKD - DDNN per depth over the recorded runs ``names``."""
   runs = [comparison.read_run(records.run_dir(record_root, n)) for n in names]
   rows, _ = comparison.comparison(runs)
   return comparison.differences(rows, (('ekd', 'individual'), ('ekd', 'ddnn')))
 
 
-def fmnist20k_plan(depths: Sequence[models.Depth], record_root: str
+def fmnist20k_plan(depths: Sequence[notation.Depth], record_root: str
                    ) -> tuple[list[Run], list[str]]:
   """The runs of the evidence study decided so far, in order, and the stages waiting."""
   found = records.read_all(record_root)
@@ -216,7 +217,7 @@ class Preset:
   name: str
   config: str  # The --config of every run.
   record: str  # Where the runs' records go (relative to the repository root).
-  plan: Callable[[Sequence[models.Depth], str], tuple[list[Run], list[str]]]
+  plan: Callable[[Sequence[notation.Depth], str], tuple[list[Run], list[str]]]
   description: str
 
 

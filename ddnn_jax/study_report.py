@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_jax import comparison, models, paper, records, stats, study_plan
+from ddnn_jax import comparison, paper, records, stats, study_plan
 from ddnn_jax.core import file_io
+from ddnn_jax.nn import notation
 
 # The paired differences the report gives, the chosen setting's added when there is one.
 CORE_DIFFS = (('ekd', 'individual'), ('ekd', 'ddnn'))
@@ -50,7 +51,7 @@ def _epochs(run_dir: str) -> int:
 class Study:
   """The records of one preset study, sorted into its parts."""
 
-  def __init__(self, preset: study_plan.Preset, record: str, depths: Sequence[models.Depth]):
+  def __init__(self, preset: study_plan.Preset, record: str, depths: Sequence[notation.Depth]):
     self.preset, self.record, self.depths = preset, record, tuple(depths)
     self.found = records.read_all(record)
     self.dirs = {name: records.run_dir(record, name) for name in self.found}
@@ -129,7 +130,7 @@ def _claim(diff: stats.Difference | None, what: str, *, margin: float | None = N
 def _claims(study: Study, result: comparison.Comparison) -> list[str]:
   full = study.depths[0]
   subnets = study.depths[1:]
-  name = models.format_depth
+  name = notation.format_depth
   lines = []
   for depth in subnets:
     lines.append('- ' + _claim(result.diffs.get((depth, 'ekd', 'individual')),
@@ -272,7 +273,7 @@ def _convergence(study: Study) -> list[str]:
     for depth in sorted(longer, key=lambda d: -sum(d)):
       delta = longer[depth] - base[depth]
       verdicts.append(abs(delta) <= 0.2)
-      lines.append(f'| {name} ({epochs} epochs) | {models.format_depth(depth)} | '
+      lines.append(f'| {name} ({epochs} epochs) | {notation.format_depth(depth)} | '
                    f'{base[depth]:.2f} | {longer[depth]:.2f} | {delta:+.2f} |')
   if verdicts:
     lines += ['', 'Every depth within 0.2 pt of its 30-epoch twin: the regime has converged.'
@@ -284,7 +285,7 @@ def _convergence(study: Study) -> list[str]:
 
 def _curves(study: Study, names: Sequence[str]) -> bytes | None:
   """Validation error over epochs, per depth (panels) and scheme (mean over seeds)."""
-  curves: dict[tuple[str, models.Depth], dict[float, list[float]]] = collections.defaultdict(
+  curves: dict[tuple[str, notation.Depth], dict[float, list[float]]] = collections.defaultdict(
       lambda: collections.defaultdict(list))
   for name in names:
     run = study.runs([name])[0]
@@ -293,7 +294,7 @@ def _curves(study: Study, names: Sequence[str]) -> bytes | None:
         continue
       for key, value in line.items():
         if key.startswith('val/accuracy/'):
-          depth = models.parse_depth(key.split('/', 2)[2])
+          depth = notation.parse_depth(key.split('/', 2)[2])
           curves[run['mode'], depth][line['epoch']].append(100 * (1 - value))
   if not curves:
     return None
@@ -305,7 +306,7 @@ def _curves(study: Study, names: Sequence[str]) -> bytes | None:
         continue
       epochs = sorted(points)
       ax.plot(epochs, [statistics.fmean(points[e]) for e in epochs], label=scheme, lw=1.2)
-    ax.set_title(models.format_depth(depth), fontsize=10)
+    ax.set_title(notation.format_depth(depth), fontsize=10)
     ax.set_xlabel('epoch')
     if i == 0:
       ax.set_ylabel('validation error (%), mean over seeds')
@@ -388,7 +389,7 @@ def rewrite_block(text: str, name: str, block: str) -> str | None:
   return f'{head}{begin}\n{block.strip()}\n{end}{tail}'
 
 
-def main_report(preset: study_plan.Preset, record: str, depths: Sequence[models.Depth],
+def main_report(preset: study_plan.Preset, record: str, depths: Sequence[notation.Depth],
                 readme: str = README) -> list[str]:
   """Writes the report; returns the paths written."""
   study = Study(preset, record, depths)

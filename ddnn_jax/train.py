@@ -23,9 +23,10 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from ddnn_jax import (checkpoints, config_lib, data, datasets, divergence, flops, models, optim,
-                      preemption, ranking, reporting, steps, workdir as workdir_lib)
+from ddnn_jax import (checkpoints, config_lib, data, datasets, divergence, optim, preemption,
+                      reporting, steps, workdir as workdir_lib)
 from ddnn_jax.core import errors, parallel
+from ddnn_jax.nn import flops, models, ranking
 
 
 def evaluate(eval_step, state: steps.TrainState, config: ml_collections.ConfigDict,

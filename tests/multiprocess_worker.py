@@ -19,7 +19,8 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Importing is fine before jax.distributed.initialize; only computations are not.
-from ddnn_jax import models, steps  # noqa: E402
+from ddnn_jax import steps  # noqa: E402
+from ddnn_jax.nn import architectures, models  # noqa: E402
 from ddnn_jax.core import parallel  # noqa: E402
 
 ARCH, SUBNETS, IMAGE, NUM_CLASSES = 'resnet20', [(1, 1, 1), (2, 2, 2)], (8, 8, 3), 4
@@ -48,7 +49,7 @@ def local_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def new_state():
   model = models.create_model(ARCH, NUM_CLASSES, width=4)
-  depths = models.depth_set(ARCH, SUBNETS)
+  depths = architectures.depth_set(ARCH, SUBNETS)
   state = steps.create_train_state(jax.random.key(0), model, depths,
                                    optax.sgd(0.05, momentum=0.9), IMAGE)
   return state, depths

@@ -10,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import models, steps
+from ddnn_jax import steps
 from ddnn_jax.cpu import batchnorm
+from ddnn_jax.nn import architectures, layers, models
 
 
 def _reference(x, scale, bias, residual, epsilon, relu):
@@ -100,7 +101,7 @@ def test_a_constant_channel_passes_finite_gradients():
 
 def test_the_module_keeps_flax_variables_and_running_averages():
   x, _, _, residual = _inputs()
-  fused = models.TrainBatchNorm(momentum=0.9)
+  fused = layers.TrainBatchNorm(momentum=0.9)
   reference = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
   v_fused = fused.init(jax.random.key(0), x)
   v_ref = reference.init(jax.random.key(0), x)
@@ -121,7 +122,7 @@ def test_the_module_keeps_flax_variables_and_running_averages():
 ])
 def test_an_ekd_step_computes_what_flax_batchnorm_computes(monkeypatch, arch, subnets, image):
   model = models.create_model(arch, 5, width=4)
-  depths = models.depth_set(arch, subnets)
+  depths = architectures.depth_set(arch, subnets)
   state = steps.create_train_state(jax.random.key(0), model, depths,
                                    optax.sgd(0.1, momentum=0.9), image)
   rng = np.random.default_rng(0)
@@ -176,7 +177,7 @@ def test_the_compiled_step_writes_no_activation_sized_broadcast():
   # read it back: ResNet-20's default step had 42 such (bench/README.md, section 8).
   arch, image, batch_size = 'resnet20', (8, 8, 1), 16
   model = models.create_model(arch, 5, width=4)
-  depths = models.depth_set(arch, [(2, 2, 2), (1, 1, 1)])
+  depths = architectures.depth_set(arch, [(2, 2, 2), (1, 1, 1)])
   state = steps.create_train_state(jax.random.key(0), model, depths,
                                    optax.sgd(0.1, momentum=0.9), image)
   batch = {'image': np.zeros((batch_size, *image), np.float32),

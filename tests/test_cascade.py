@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddnn_jax import cascading, dynamic, inference, models
+from ddnn_jax import cascading, dynamic, inference
+from ddnn_jax.nn import notation
 from jobs import SMALL_FASHION_MNIST, assert_one_line_error, run_main, run_module
 
 
@@ -227,10 +228,10 @@ def test_dynamic_model_and_predict_run_the_chosen_cascade(trained, built, tmp_pa
                 '--out', tmp_path / 'p.csv')
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.splitlines()[0].startswith('cascade ' + ' -> '.join(
-      map(models.format_depth, chosen.depths)))
+      map(notation.format_depth, chosen.depths)))
   rows = list(csv.DictReader(open(tmp_path / 'p.csv')))
   assert len(rows) == 3 and {r['depth'] for r in rows} <= {
-      models.format_depth(d) for d in chosen.depths}
+      notation.format_depth(d) for d in chosen.depths}
 
 
 def test_export_cascade_runs_with_jax_and_numpy_only(trained, built, tmp_path):

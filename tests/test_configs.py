@@ -9,7 +9,8 @@ import sys
 import jax
 import pytest
 
-from ddnn_jax import config_lib, flops, models, optim, profile
+from ddnn_jax import config_lib, optim, profile
+from ddnn_jax.nn import architectures, flops, models, notation
 from fakes import write_fake_cifar
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,12 +46,12 @@ PRESETS = [
     ('imagenet.py:r50_r41', ((3, 4, 6, 3), (3, 4, 4, 2))),
     ('imagenet.py:r50_r44_r38', ((3, 4, 6, 3), (3, 4, 4, 3), (3, 3, 3, 3))),
     # Slimmable MobileNet-V1 at four widths (IPKD-TA's setting), largest first.
-    ('cifar10.py:mbv1_slim', ((1, 2, 2, 6, 2), models.SubNet((1, 2, 2, 6, 2), 0.75),
-                              models.SubNet((1, 2, 2, 6, 2), 0.5),
-                              models.SubNet((1, 2, 2, 6, 2), 0.25))),
-    ('cifar100.py:mbv1_slim', ((1, 2, 2, 6, 2), models.SubNet((1, 2, 2, 6, 2), 0.75),
-                               models.SubNet((1, 2, 2, 6, 2), 0.5),
-                               models.SubNet((1, 2, 2, 6, 2), 0.25))),
+    ('cifar10.py:mbv1_slim', ((1, 2, 2, 6, 2), notation.SubNet((1, 2, 2, 6, 2), 0.75),
+                              notation.SubNet((1, 2, 2, 6, 2), 0.5),
+                              notation.SubNet((1, 2, 2, 6, 2), 0.25))),
+    ('cifar100.py:mbv1_slim', ((1, 2, 2, 6, 2), notation.SubNet((1, 2, 2, 6, 2), 0.75),
+                               notation.SubNet((1, 2, 2, 6, 2), 0.5),
+                               notation.SubNet((1, 2, 2, 6, 2), 0.25))),
     # The other config files: the offline default and names kept from earlier releases.
     ('default.py', ((3, 3, 3), (2, 2, 2), (1, 1, 1))),
     ('fmnist20k.py', ((3, 3, 3), (2, 2, 2), (1, 1, 1))),  # The evidence study's regime.
@@ -94,12 +95,12 @@ def test_presets_validate_and_profile_their_sizes(spec, depths, capsys):
   profile.main(['--config', str(REPO / 'configs' / spec)])
   table = capsys.readouterr().out
   lines = [line for line in table.splitlines() if line[:3] in {f'| {d[0]}' for d in depths}]
-  assert [line.split(' | ')[0][2:] for line in lines] == [models.format_depth(d) for d in depths]
+  assert [line.split(' | ')[0][2:] for line in lines] == [notation.format_depth(d) for d in depths]
   printed = [float(line.split(' | ')[2]) for line in lines]
   imagenet = config.data.dataset == 'imagenet2012'
   classes = {'cifar100': 100, 'imagenet2012': 1000}.get(config.data.dataset, 10)
   for depth, params_m in zip(depths, printed, strict=True):
-    name = models.depth_label(config.model.arch, depth)
+    name = architectures.depth_label(config.model.arch, depth)
     if (name, classes) in PUBLISHED_PARAMS_M:
       assert params_m == pytest.approx(PUBLISHED_PARAMS_M[name, classes], rel=0.01), name
   # A sub-net's parameters are the full net's minus the blocks it skips.
@@ -109,7 +110,7 @@ def test_presets_validate_and_profile_their_sizes(spec, depths, capsys):
   full = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, *shape)),
                                            train=False))['params']
   for depth, params_m in zip(depths, printed, strict=True):
-    if models.width_of(depth) != 1.0:
+    if notation.width_of(depth) != 1.0:
       continue  # Narrower widths: tests/test_width.py counts their channels.
     used = sum(flops.count_params(tree) for name, tree in full.items()
                if not name.startswith('stage') or int(name.split('_block')[1]) <

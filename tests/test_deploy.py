@@ -20,8 +20,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import config_lib, data, deploy, dynamic, inference, models, optim, search, train
+from ddnn_jax import config_lib, data, deploy, dynamic, inference, optim, search, train
 from ddnn_jax.core import errors
+from ddnn_jax.nn import notation
 from fakes import write_fake_cifar
 from jobs import assert_one_line_error, run_main, run_module
 
@@ -357,7 +358,7 @@ def test_init_from_starts_a_new_depth_set_from_the_trained_parameters(trained, r
                               run.batch_stats['1-1-1'])
   assert not np.allclose(state.batch_stats['2-1-3']['stem_bn']['mean'],
                          run.batch_stats['3-3-3']['stem_bn']['mean'])
-  assert models.depth_name((2, 1, 3)) in state.batch_stats
+  assert notation.depth_name((2, 1, 3)) in state.batch_stats
 
 
 def _depths_in_files(workdir):
@@ -383,8 +384,8 @@ def test_every_written_depth_round_trips_through_every_depth_flag(trained, run, 
   assert {source for _, source in found} >= {'results.csv', 'validation.csv', 'candidates.csv',
                                              'pareto.csv', 'summary.json', 'latency.json'}
   for text, source in sorted(found):
-    depth = models.parse_depth(text)
-    assert models.format_depth(depth) == text, (text, source)  # One notation everywhere.
+    depth = notation.parse_depth(text)
+    assert notation.format_depth(depth) == text, (text, source)  # One notation everywhere.
     assert deploy.parse_depths(run, text) == [depth]  # evaluate --depths, DynamicModel.load.
     assert run.resolve(text) == depth  # export --depth, predict --depth.
   # What export and predict write reads back the same way.

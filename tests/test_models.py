@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import flops, losses, models, profile
+from ddnn_jax import losses, profile
+from ddnn_jax.nn import architectures, flops, models, notation
 
 B = 2
 
@@ -41,7 +42,7 @@ def _init_apply(model, image_shape, depth=None, abstract=False):
 ])
 def test_output_shapes(arch, depth, image_shape, stage_shapes):
   model = models.create_model(arch, num_classes=7, width=4)
-  depth = None if depth is None else models.resolve_depth(depth, arch)
+  depth = None if depth is None else architectures.resolve_depth(depth, arch)
   # Deep ImageNet nets take seconds to initialise on CPU: check their shapes abstractly.
   _, (logits, features) = _init_apply(model, image_shape, depth, abstract=sum(
       model.stage_sizes) > 10)
@@ -102,7 +103,7 @@ def test_resnet50_flops_near_published():
 def test_profile_table_lists_every_depth():
   model = models.create_model('resnet56', 10)
   rows = [flops.profile_subnet(model, (32, 32, 3), d)
-          for d in models.depth_set('resnet56', ['resnet44', 'resnet32'])]
+          for d in architectures.depth_set('resnet56', ['resnet44', 'resnet32'])]
   table = flops.format_profile_table('resnet56', rows)
   assert '9-9-9' in table and '7-7-7' in table and '5-5-5' in table
   assert [r.flops for r in rows] == sorted((r.flops for r in rows), reverse=True)
@@ -123,7 +124,7 @@ def test_profile_table_lists_every_depth():
 ])
 def test_invalid_depths_raise_clear_errors(depth, message):
   with pytest.raises(ValueError) as err:
-    models.resolve_depth(depth, 'resnet20')
+    architectures.resolve_depth(depth, 'resnet20')
   assert message in str(err.value)
 
 
@@ -137,23 +138,23 @@ def test_invalid_depth_at_call_time():
 
 @pytest.mark.parametrize('text', ['2-1-3', '[2,1,3]', '(2, 1, 3)', '2,1,3', '2 1 3', ' [2, 1, 3] '])
 def test_every_spelling_of_a_depth_parses_to_it(text):
-  assert models.parse_depth(text) == (2, 1, 3)
-  assert models.parse_depths(text) == [(2, 1, 3)]
-  assert models.format_depth(text) == '2-1-3'
+  assert notation.parse_depth(text) == (2, 1, 3)
+  assert notation.parse_depths(text) == [(2, 1, 3)]
+  assert notation.format_depth(text) == '2-1-3'
 
 
 def test_format_depth_is_the_one_notation():
-  assert models.format_depth((3, 4, 6, 3)) == '3-4-6-3' == models.depth_name((3, 4, 6, 3))
-  assert models.format_depth('resnet32') == 'resnet32'
-  assert models.parse_depth(models.format_depth((9, 1, 12))) == (9, 1, 12)
+  assert notation.format_depth((3, 4, 6, 3)) == '3-4-6-3' == notation.depth_name((3, 4, 6, 3))
+  assert notation.format_depth('resnet32') == 'resnet32'
+  assert notation.parse_depth(notation.format_depth((9, 1, 12))) == (9, 1, 12)
 
 
 def test_parse_depths():
-  assert models.parse_depths('resnet44,5-5-5,') == ['resnet44', (5, 5, 5)]
-  assert models.parse_depths('[2,2,2],[1,1,1]') == [(2, 2, 2), (1, 1, 1)]
-  assert models.parse_depths('(2, 2, 2), (1, 1, 1)') == [(2, 2, 2), (1, 1, 1)]
-  assert models.parse_depths('2-2-2 resnet20') == [(2, 2, 2), 'resnet20']
-  assert models.parse_depths('') == []
+  assert notation.parse_depths('resnet44,5-5-5,') == ['resnet44', (5, 5, 5)]
+  assert notation.parse_depths('[2,2,2],[1,1,1]') == [(2, 2, 2), (1, 1, 1)]
+  assert notation.parse_depths('(2, 2, 2), (1, 1, 1)') == [(2, 2, 2), (1, 1, 1)]
+  assert notation.parse_depths('2-2-2 resnet20') == [(2, 2, 2), 'resnet20']
+  assert notation.parse_depths('') == []
 
 
 @pytest.mark.parametrize('text, message', [
@@ -165,24 +166,24 @@ def test_parse_depths():
 ])
 def test_parse_depths_rejects(text, message):
   with pytest.raises(ValueError, match=re.escape(message)):
-    models.parse_depths(text)
+    notation.parse_depths(text)
 
 
 def test_named_and_listed_depths_agree():
-  assert models.resolve_depth('resnet44', 'resnet56') == (7, 7, 7)
-  assert models.resolve_depth([7, 7, 7], 'resnet56') == (7, 7, 7)
-  assert models.resolve_depth('ResNet18', 'resnet34') == (2, 2, 2, 2)
+  assert architectures.resolve_depth('resnet44', 'resnet56') == (7, 7, 7)
+  assert architectures.resolve_depth([7, 7, 7], 'resnet56') == (7, 7, 7)
+  assert architectures.resolve_depth('ResNet18', 'resnet34') == (2, 2, 2, 2)
   with pytest.raises(ValueError, match='unknown architecture'):
     models.create_model('resnet19', 10)
 
 
 def test_depth_set_orders_and_checks_subnets():
-  assert models.depth_set('resnet56', ['resnet32', [7, 7, 7]]) == (
+  assert architectures.depth_set('resnet56', ['resnet32', [7, 7, 7]]) == (
       (9, 9, 9), (7, 7, 7), (5, 5, 5))
   with pytest.raises(ValueError, match='is the full net'):
-    models.depth_set('resnet20', [(3, 3, 3)])
+    architectures.depth_set('resnet20', [(3, 3, 3)])
   with pytest.raises(ValueError, match='repeat'):
-    models.depth_set('resnet20', [(1, 1, 1), [1, 1, 1]])
+    architectures.depth_set('resnet20', [(1, 1, 1), [1, 1, 1]])
 
 
 def _module_names(tree):
@@ -250,8 +251,8 @@ def test_a_cascade_stage_resumes_exactly_where_another_left_off(arch, image_shap
   smaller = tuple(max(1, n - 1) for n in full)
   want = model.apply(variables, x, depth=full, train=False)[0]
   # Every point the full net could continue from, taken from its own earlier modules.
-  sequence = models.module_sequence(arch, full)
-  assert models.shared_prefix(arch, smaller, full) < len(sequence)
+  sequence = architectures.module_sequence(arch, full)
+  assert architectures.shared_prefix(arch, smaller, full) < len(sequence)
   for k in range(1, len(sequence) + 1):
     _, handed = model.apply(variables, x, full, 0, k, method=models.DDNN.cascade_stage)
     assert handed is not None, k
@@ -269,27 +270,27 @@ def test_a_cascade_stage_resumes_exactly_where_another_left_off(arch, image_shap
     ((2, 2, 2), [(2, 2, 2)]),  # What --config.model.subnets='[2,2,2]' gives.
     ('2-2-2,1-1-1', [(2, 2, 2), (1, 1, 1)]),
     (((2, 2, 2), (1, 1, 1)), [(2, 2, 2), (1, 1, 1)]),
-    (('2-2-2@0.5', '(1,1,1)'), [models.SubNet((2, 2, 2), 0.5), (1, 1, 1)]),
+    (('2-2-2@0.5', '(1,1,1)'), [notation.SubNet((2, 2, 2), 0.5), (1, 1, 1)]),
     (('resnet32', [1, 1, 1]), ['resnet32', (1, 1, 1)]),
     ((), []),
 ])
 def test_subnets_take_every_spelling_of_a_depth(value, specs):
-  assert models.subnet_specs(value) == specs
-  assert [models.width_of(s) for s in models.subnet_specs(value)] == [
-      models.width_of(s) for s in specs]
+  assert notation.subnet_specs(value) == specs
+  assert [notation.width_of(s) for s in notation.subnet_specs(value)] == [
+      notation.width_of(s) for s in specs]
 
 
 @pytest.mark.parametrize('value', ['2-x-2', 7, ((2, 2, 2), 3)])
 def test_subnets_that_are_no_depths_are_refused(value):
   with pytest.raises(ValueError, match='not a depth'):
-    models.subnet_specs(value)
+    notation.subnet_specs(value)
 
 
 def test_an_unknown_name_is_answered_with_names_of_the_full_nets_family():
   with pytest.raises(ValueError) as err:
-    models.resolve_depth('resnet14', 'resnet20')
+    architectures.resolve_depth('resnet14', 'resnet20')
   assert str(err.value).endswith('such as 3-3-3 or one of resnet20, resnet32, resnet44, '
                                  'resnet56, resnet110')
   with pytest.raises(ValueError) as err:
-    models.resolve_depth('resnet27', 'resnet50')
+    architectures.resolve_depth('resnet27', 'resnet50')
   assert str(err.value).endswith('such as 3-4-6-3 or one of resnet50, resnet101')  # Bottleneck.

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from ddnn_jax import config_lib, models, paper
+from ddnn_jax import config_lib, paper
+from ddnn_jax.nn import architectures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TABLES = os.path.join(REPO, '..', 'shared', 'PAPER-TABLES.md')
@@ -16,7 +17,7 @@ def test_every_preset_is_its_paper_group():
   for group in paper.GROUPS:
     config = config_lib.load_config(f'{paper.PRESET_FILES[group.dataset]}:{group.name}')
     assert config.data.dataset == group.dataset and config.model.arch == group.arch
-    depths = models.depth_set(config.model.arch, config.model.subnets)
+    depths = architectures.depth_set(config.model.arch, config.model.subnets)
     assert depths == group.depths, group.title  # Full net first, then sub-nets largest first.
     assert paper.matching(group.dataset, group.arch, depths[::-1]) is group
 

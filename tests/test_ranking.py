@@ -10,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import config_lib, flops, models, ranking, steps
+from ddnn_jax import config_lib, steps
+from ddnn_jax.nn import architectures, flops, models, notation, ranking
 from jobs import TINY, assert_one_line_error, run_main
 
-S = models.SubNet
+S = notation.SubNet
 SHAPE = (16, 16, 1)
 
 
@@ -21,8 +22,8 @@ def _ranked_state(arch='resnet20', width=8, group=4, seed=0):
   """A train state of a ranked net with random noise logits and BN statistics (a trained
   net's, not the identity of a fresh one), so sorting has something to move."""
   model = models.create_model(arch, 10, width=width, channel_group=group, noise_ranking=True)
-  depths = (models.arch_spec(arch).stage_sizes, S((1,) * len(models.arch_spec(arch).stage_sizes),
-                                                  0.5))
+  full = architectures.arch_spec(arch).stage_sizes
+  depths = (full, S((1,) * len(full), 0.5))
   state = steps.create_train_state(jax.random.key(seed), model, depths,
                                    optax.sgd(0.1, momentum=0.9), SHAPE)
   keys = iter(jax.random.split(jax.random.key(seed + 1), 10_000))
@@ -47,7 +48,7 @@ def _ranked_state(arch='resnet20', width=8, group=4, seed=0):
 
 def _logits(model, state, depth, images):
   return model.apply({'params': state.params,
-                      'batch_stats': state.batch_stats[models.depth_name(depth)]},
+                      'batch_stats': state.batch_stats[notation.depth_name(depth)]},
                      images, depth=depth, train=False)[0]
 
 
@@ -88,7 +89,7 @@ def test_a_narrow_width_runs_the_least_noisy_groups_after_sorting():
   # The optimiser's momentum (set equal to the parameters) moved with them.
   chex.assert_trees_all_equal(sorted_state.opt_state[0].trace, sorted_state.params)
   # A narrow depth's statistics are the batch moments of the sorted net on the images.
-  narrow = models.depth_name(depths[1])
+  narrow = notation.depth_name(depths[1])
   (_, moments), _ = model.apply({'params': sorted_state.params}, images, (depths[1],),
                                 method=models.DDNN.batch_moments, mutable=['batch_stats'])
   assert set(sorted_state.batch_stats[narrow]) == set(state.batch_stats[narrow])

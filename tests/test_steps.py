@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import flops, losses, models, steps
+from ddnn_jax import losses, steps
+from ddnn_jax.nn import architectures, flops, models, notation
 
 ARCH, SUBNETS, IMAGE = 'resnet20', [(1, 1, 1), (2, 2, 2)], (8, 8, 3)
 NUM_CLASSES = 4
@@ -24,7 +25,7 @@ def toy_batch(seed=0, batch=32):
 
 def new_state(mode='ekd', subnets=SUBNETS, lr=0.05):
   model = models.create_model(ARCH, NUM_CLASSES, width=4)
-  depths = models.depth_set(ARCH, subnets if mode != 'individual' else [])
+  depths = architectures.depth_set(ARCH, subnets if mode != 'individual' else [])
   state = steps.create_train_state(jax.random.key(0), model, depths,
                                    optax.sgd(lr, momentum=0.9), IMAGE)
   return state, depths
@@ -91,7 +92,7 @@ def test_train_step_traces_once_per_depth_set():
 
 def test_each_depth_keeps_its_own_batch_norm_statistics():
   state, depths = new_state('ddnn')
-  keys = [models.depth_name(d) for d in depths]
+  keys = [notation.depth_name(d) for d in depths]
   assert keys == ['3-3-3', '2-2-2', '1-1-1']
   # A sub-net's statistics cover exactly the blocks it runs.
   assert set(state.batch_stats['1-1-1']) == {'stem_bn', 'stage0_block0', 'stage1_block0',
@@ -126,7 +127,7 @@ def test_eval_step_ignores_padding():
 
 def test_bfloat16_mixed_precision_trains():
   model = models.create_model(ARCH, NUM_CLASSES, width=4, dtype=jnp.bfloat16)
-  depths = models.depth_set(ARCH, [(1, 1, 1)])
+  depths = architectures.depth_set(ARCH, [(1, 1, 1)])
   state = steps.create_train_state(jax.random.key(0), model, depths,
                                    optax.sgd(0.05, momentum=0.9), IMAGE)
   train, _ = steps.jit_steps(depths, 'ekd')
@@ -180,9 +181,9 @@ def test_shared_trunk_equals_a_forward_per_depth(arch, subnets, mode, image, wid
   with jax.enable_x64(dtype == 'float64'):
     model = models.create_model(arch, 5, width=width, dtype=jnp.dtype(dtype))
     if mode == 'individual':
-      depths = (models.resolve_depth(subnets[0], arch),)
+      depths = (architectures.resolve_depth(subnets[0], arch),)
     else:
-      depths = models.depth_set(arch, subnets)
+      depths = architectures.depth_set(arch, subnets)
     state = steps.create_train_state(jax.random.key(0), model, depths,
                                      optax.sgd(0.1, momentum=0.9), image)
     state = state.replace(params=jax.tree.map(lambda a: a.astype(dtype), state.params),
@@ -196,7 +197,7 @@ def test_shared_trunk_equals_a_forward_per_depth(arch, subnets, mode, image, wid
   # The new statistics of every depth, the logits, the loss and its parts, the gradient.
   chex.assert_trees_all_equal_structs(shared, per_depth)
   _assert_close_to_scale(shared, per_depth, tol=1e-5 if dtype == 'float32' else 1e-12)
-  assert set(shared[0][1]['batch_stats']) == {models.depth_name(d) for d in depths}
+  assert set(shared[0][1]['batch_stats']) == {notation.depth_name(d) for d in depths}
   # The statistics moved: comparing untouched initial statistics would pass trivially.
   for name, new in shared[0][1]['batch_stats'].items():
     old = jax.tree.leaves(state.batch_stats[name])
@@ -207,7 +208,7 @@ def test_shared_trunk_equals_a_forward_per_depth(arch, subnets, mode, image, wid
 def test_remat_changes_no_result():
   """model.remat recomputes each block in the backward pass: the same loss, gradients and
   new BN statistics (its memory and time trade-off is measured in bench/README.md)."""
-  depths = models.depth_set(ARCH, SUBNETS)
+  depths = architectures.depth_set(ARCH, SUBNETS)
   results = []
   for remat in (False, True):
     model = models.create_model(ARCH, NUM_CLASSES, width=4, remat=remat)
@@ -229,7 +230,7 @@ def test_shared_trunk_step_costs_what_its_blocks_predict():
   Without the shared trunk, it costs 0.91 (XLA merges part of the forward only).
   """
   model = models.create_model(ARCH, NUM_CLASSES, width=4)
-  depths = models.depth_set(ARCH, SUBNETS)
+  depths = architectures.depth_set(ARCH, SUBNETS)
 
   def step_flops(depths, mode):
     state = jax.eval_shape(lambda: steps.create_train_state(

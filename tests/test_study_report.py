@@ -7,7 +7,8 @@ import statistics
 
 import pytest
 
-from ddnn_jax import models, records, stats, study_plan, study_report
+from ddnn_jax import records, stats, study_plan, study_report
+from ddnn_jax.nn import notation
 
 DEPTHS = ((3, 3, 3), (2, 2, 2), (1, 1, 1))
 PRESET = study_plan.PRESETS['fmnist20k']
@@ -30,7 +31,7 @@ def write_record(root, name, mode, seed, errors, val_errors=None, epochs=30, lab
                                            'val_top1_error'])
     writer.writeheader()
     for depth, error in errors.items():
-      writer.writerow({'name': 'x', 'depth': models.format_depth(depth), 'params': 1,
+      writer.writerow({'name': 'x', 'depth': notation.format_depth(depth), 'params': 1,
                        'flops': FLOPS[depth], 'top1_error': error,
                        'val_top1_error': (val_errors or errors)[depth]})
   (run / 'metrics.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in metrics))
@@ -90,7 +91,7 @@ def _core(root, ekd_minus_individual):
   for seed, delta in enumerate(ekd_minus_individual):
     base = (9.0 + 0.1 * seed, 9.5 + 0.1 * seed, 10.5 + 0.1 * seed)
     for depth, error in zip(DEPTHS, base):
-      write_record(root, f'individual-{models.depth_name(depth)}-seed{seed}', 'individual',
+      write_record(root, f'individual-{notation.depth_name(depth)}-seed{seed}', 'individual',
                    seed, {depth: error})
     write_record(root, f'ddnn-seed{seed}', 'ddnn', seed, all_depths(*(e + 0.3 for e in base)))
     write_record(root, f'ekd-seed{seed}', 'ekd', seed, all_depths(*(e + delta for e in base)))

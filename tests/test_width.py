@@ -12,42 +12,43 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import config_lib, flops, models, search, steps
+from ddnn_jax import config_lib, search, steps
+from ddnn_jax.nn import architectures, flops, layers, models, notation
 from jobs import assert_one_line_error, run_main, run_module
 
-S = models.SubNet
+S = notation.SubNet
 
 
 def test_the_notation_reads_and_writes_widths():
-  assert models.parse_depth('2-2-2@0.5') == S((2, 2, 2), 0.5)
-  assert models.parse_depth('[2,2,2]@0.5') == S((2, 2, 2), 0.5)
-  assert models.format_depth(S((2, 1, 3), 0.25)) == '2-1-3@0.25' == models.depth_name(
+  assert notation.parse_depth('2-2-2@0.5') == S((2, 2, 2), 0.5)
+  assert notation.parse_depth('[2,2,2]@0.5') == S((2, 2, 2), 0.5)
+  assert notation.format_depth(S((2, 1, 3), 0.25)) == '2-1-3@0.25' == notation.depth_name(
       S((2, 1, 3), 0.25))
-  assert models.parse_depths('3-3-3,2-2-2@0.5') == [(3, 3, 3), S((2, 2, 2), 0.5)]
-  assert models.resolve_depth('resnet20@0.5', 'resnet56') == S((3, 3, 3), 0.5)
-  assert models.format_depth(models.parse_depth('2-2-2@1.0')) == '2-2-2'  # Width 1 is plain.
+  assert notation.parse_depths('3-3-3,2-2-2@0.5') == [(3, 3, 3), S((2, 2, 2), 0.5)]
+  assert architectures.resolve_depth('resnet20@0.5', 'resnet56') == S((3, 3, 3), 0.5)
+  assert notation.format_depth(notation.parse_depth('2-2-2@1.0')) == '2-2-2'  # Width 1 is plain.
   with pytest.raises(ValueError, match='width after @ must be a number'):
-    models.parse_depth('2-2-2@wide')
+    notation.parse_depth('2-2-2@wide')
   with pytest.raises(ValueError, match='width 1.5 is not in'):
-    models.resolve_depth('2-2-2@1.5', 'resnet20')
+    architectures.resolve_depth('2-2-2@1.5', 'resnet20')
 
 
 def test_width_one_is_the_plain_depth_and_others_are_not():
   assert S((2, 2, 2), 1.0) == (2, 2, 2) and hash(S((2, 2, 2), 1.0)) == hash((2, 2, 2))
   assert S((2, 2, 2), 0.5) != (2, 2, 2) and (2, 2, 2) != S((2, 2, 2), 0.5)
   assert {S((2, 2, 2), 0.5): 1}.get((2, 2, 2)) is None
-  assert models.subnet((2, 2, 2), 1.0).__class__ is tuple
-  assert models.width_of((2, 2, 2)) == 1.0 and models.width_of(S((1, 1, 1), 0.25)) == 0.25
+  assert notation.subnet((2, 2, 2), 1.0).__class__ is tuple
+  assert notation.width_of((2, 2, 2)) == 1.0 and notation.width_of(S((1, 1, 1), 0.25)) == 0.25
   # Different widths share no computation.
-  assert models.shared_prefix('resnet20', S((2, 2, 2), 0.5), (3, 3, 3)) == 0
-  assert models.shared_prefix('resnet20', S((2, 2, 2), 0.5), S((3, 3, 3), 0.5)) == 4
+  assert architectures.shared_prefix('resnet20', S((2, 2, 2), 0.5), (3, 3, 3)) == 0
+  assert architectures.shared_prefix('resnet20', S((2, 2, 2), 0.5), S((3, 3, 3), 0.5)) == 4
 
 
 @pytest.mark.parametrize('width, channels, group, want', [
     (1.0, 16, 8, 16), (0.5, 16, 8, 8), (0.25, 16, 8, 8), (0.75, 16, 8, 16),
     (0.75, 64, 8, 48), (0.25, 1024, 8, 256), (0.3, 64, 4, 20)])
 def test_active_channels_round_up_to_a_channel_group(width, channels, group, want):
-  assert models.active_channels(width, channels, group) == want
+  assert layers.active_channels(width, channels, group) == want
 
 
 @pytest.mark.parametrize('width', [0.25, 0.5, 0.75, 1.0])
@@ -55,12 +56,12 @@ def test_resnet20_channels_and_shapes_at_every_width(width):
   model = models.create_model('resnet20', 10)
   x = jnp.ones((2, 28, 28, 1))
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
-  depth = models.subnet((3, 3, 3), width)
+  depth = notation.subnet((3, 3, 3), width)
   stats = models.variable_shapes(model, (28, 28, 1), depth)['batch_stats']
   logits, features = model.apply({'params': variables['params'],
                                   'batch_stats': jax.tree.map(jnp.zeros_like, stats)}, x,
                                  depth=depth, train=False)
-  channels = [models.active_channels(width, c, 8) for c in (16, 32, 64)]
+  channels = [layers.active_channels(width, c, 8) for c in (16, 32, 64)]
   chex.assert_shape(logits, (2, 10))
   for feature, size, c in zip(features, (28, 14, 7), channels, strict=True):
     chex.assert_shape(feature, (2, size, size, c))
@@ -80,7 +81,7 @@ PUBLISHED_MOBILENET = {1.0: (569, 4.2), 0.75: (325, 2.6), 0.5: (150, 1.3), 0.25:
 @pytest.mark.parametrize('width', sorted(PUBLISHED_MOBILENET))
 def test_mobilenet_v1_matches_the_published_sizes_at_every_width(width):
   model = models.create_model('mobilenet_v1_imagenet', 1000)
-  size = flops.profile_subnet(model, (224, 224, 3), models.subnet((1, 2, 2, 6, 2), width))
+  size = flops.profile_subnet(model, (224, 224, 3), notation.subnet((1, 2, 2, 6, 2), width))
   macs, params = PUBLISHED_MOBILENET[width]
   assert size.flops / 1e6 == pytest.approx(macs, rel=0.01)
   assert size.params / 1e6 == pytest.approx(params, rel=0.07)  # Published to 2 digits.
@@ -89,14 +90,14 @@ def test_mobilenet_v1_matches_the_published_sizes_at_every_width(width):
 @pytest.mark.parametrize('width', [0.25, 0.5, 0.75, 1.0])
 def test_mobilenet_v1_cifar_channels_and_parameters_at_every_width(width):
   model = models.create_model('mobilenet_v1', 10)
-  depth = models.subnet((1, 2, 2, 6, 2), width)
+  depth = notation.subnet((1, 2, 2, 6, 2), width)
   x = jnp.ones((2, 32, 32, 3))
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
   stats = models.variable_shapes(model, (32, 32, 3), depth)['batch_stats']
   _, features = model.apply({'params': variables['params'],
                              'batch_stats': jax.tree.map(jnp.zeros_like, stats)}, x, depth=depth,
                             train=False)
-  c = [models.active_channels(width, n, 8) for n in (32, 64, 128, 256, 512, 1024)]
+  c = [layers.active_channels(width, n, 8) for n in (32, 64, 128, 256, 512, 1024)]
   for feature, size, channels in zip(features, (32, 16, 8, 4, 2), c[1:], strict=True):
     chex.assert_shape(feature, (2, size, size, channels))
   # By hand: stem 3x3x3xC0 + BN; per block a 3x3 depthwise (9 per channel) + BN and a
@@ -124,7 +125,7 @@ def _module_classes(model, variables, x, depth):
 
 def test_width_one_runs_the_stock_layers_bitwise_as_before():
   model = models.create_model('resnet20', 10, width=8)
-  depths = models.depth_set('resnet20', [(2, 2, 2), (1, 1, 1)])
+  depths = architectures.depth_set('resnet20', [(2, 2, 2), (1, 1, 1)])
   as_subnets = tuple(S(d, 1.0) for d in depths)
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(8, 28, 28, 1)).astype(np.float32),
@@ -140,11 +141,11 @@ def test_width_one_runs_the_stock_layers_bitwise_as_before():
   chex.assert_trees_all_equal(*results)  # Bitwise.
   v = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)), train=False)
   used = _module_classes(model, v, jnp.ones((1, 28, 28, 1)), (3, 3, 3))
-  assert not used & {models.SlimConv, models.SlimBatchNorm, models.SlimDense}
+  assert not used & {layers.SlimConv, layers.SlimBatchNorm, layers.SlimDense}
   narrow = _module_classes(model, {'params': v['params'], 'batch_stats': jax.tree.map(
       jnp.zeros_like, models.variable_shapes(model, (28, 28, 1), S((3, 3, 3), 0.5))[
           'batch_stats'])}, jnp.ones((1, 28, 28, 1)), S((3, 3, 3), 0.5))
-  assert {models.SlimConv, models.SlimBatchNorm, models.SlimDense} <= narrow
+  assert {layers.SlimConv, layers.SlimBatchNorm, layers.SlimDense} <= narrow
 
 
 def test_a_narrow_step_updates_only_the_channels_it_runs():

@@ -19,13 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddnn_jax import models
 from ddnn_jax.cpu import onednn
+from ddnn_jax.nn import models, notation
 
 
 @dataclasses.dataclass(frozen=True)
 class SubnetProfile:
-  depth: models.Depth
+  depth: notation.Depth
   params: int  # Trainable parameters the sub-net uses (BN scale/bias included, statistics not).
   flops: int  # Multiply-adds of one forward pass of one image.
 
@@ -65,7 +65,7 @@ def _macs_by_module(fn, *args) -> dict[str, int]:
   return macs
 
 
-def module_flops(model: models.DDNN, input_shape: Sequence[int], depth: models.Depth
+def module_flops(model: models.DDNN, input_shape: Sequence[int], depth: notation.Depth
                  ) -> dict[str, int]:
   """Multiply-adds of one image per top-level module ``depth`` runs (stem, blocks, head):
   what a cascade stage saves when it continues another depth's shared leading modules."""
@@ -84,8 +84,8 @@ def count_params(params) -> int:
 def profile_subnet(model: models.DDNN, input_shape: Sequence[int],
                    depth: Sequence[int] | None = None) -> SubnetProfile:
   """Params and FLOPs of ``model`` at ``depth`` (None: the full net) for one HWC image."""
-  depth = model.stage_sizes if depth is None else models.check_depth(depth, model.stage_sizes,
-                                                                     model.arch)
+  depth = model.stage_sizes if depth is None else notation.check_depth(depth, model.stage_sizes,
+                                                                       model.arch)
   image = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   variables = models.variable_shapes(model, input_shape, depth)
   flops = _count_macs(lambda v, x: model.apply(v, x, depth=depth, train=False), variables, image)
@@ -93,7 +93,7 @@ def profile_subnet(model: models.DDNN, input_shape: Sequence[int],
 
 
 def shared_trunk_flops(model: models.DDNN, input_shape: Sequence[int],
-                       depths: Sequence[models.Depth]) -> int:
+                       depths: Sequence[notation.Depth]) -> int:
   """Multiply-adds of one image through all ``depths`` at once, shared prefixes counted once.
 
   What a training step's forward pass costs (``DDNN.train_forward``); compare with the
@@ -113,6 +113,6 @@ def format_profile_table(arch: str, profiles: Sequence[SubnetProfile]) -> str:
   lines = [f'| {arch} depth | blocks | Params (M) | FLOPs (M) |', '|---|---|---|---|']
   # (A depth at a width below 1 is written D@W.)
   for p in profiles:
-    lines.append(f'| {models.format_depth(p.depth)} | {sum(p.depth)} | '
+    lines.append(f'| {notation.format_depth(p.depth)} | {sum(p.depth)} | '
                  f'{p.params / 1e6:.3f} | {p.flops / 1e6:.1f} |')
   return '\n'.join(lines)

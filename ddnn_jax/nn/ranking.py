@@ -3,7 +3,7 @@
 A slimmable layer at width w runs its first channels. With ``model.noise_ranking`` the
 ResNet blocks' inner channels (the output of conv1, and of conv2 in a Bottleneck) carry
 multiplicative Gaussian noise in training whose level is learned per channel group
-(``models._ResidualBlock.ranked``). A penalty rewards noise (``penalty``) and the task
+(``blocks._ResidualBlock.ranked``). A penalty rewards noise (``penalty``) and the task
 loss punishes it where the channels matter, so the least noisy groups are the most
 important. At the end of every epoch but the last, ``sort_channels`` permutes every
 inner space so its groups run from least to most noise: "the first k channels" is then
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddnn_jax import models
+from ddnn_jax.nn import models, notation
 
 # A block's inner space: its noise logits -> (producing conv, its BatchNorm, consuming conv).
 SPACES = {'noise_logit1': ('conv1', 'bn1', 'conv2'), 'noise_logit2': ('conv2', 'bn2', 'conv3')}
@@ -86,7 +86,7 @@ def permute_batch_stats(batch_stats: dict[str, Any], orders, group: int) -> dict
   return out
 
 
-def sort_channels(state, group: int, depths: Sequence[models.Depth], images: jax.Array):
+def sort_channels(state, group: int, depths: Sequence[notation.Depth], images: jax.Array):
   """``state`` (a ``steps.TrainState`` of ``depths``) with every ranked space sorted by its
   learned noise; returns ``(state, groups moved)``.
 
@@ -106,11 +106,11 @@ def sort_channels(state, group: int, depths: Sequence[models.Depth], images: jax
                            jax.device_get(state.opt_state), is_leaf=is_params_like)
   params = permute(params)
   batch_stats = permute_batch_stats(jax.device_get(state.batch_stats), orders, group)
-  narrow = tuple(d for d in depths if models.width_of(d) < 1.0)
+  narrow = tuple(d for d in depths if notation.width_of(d) < 1.0)
   if narrow:
     (_, moments), _ = state.apply_fn({'params': params}, images, narrow,
                                      method=models.DDNN.batch_moments, mutable=['batch_stats'])
     for depth, fresh in zip(narrow, moments, strict=True):
-      name = models.depth_name(depth)
+      name = notation.depth_name(depth)
       batch_stats[name] = {module: jax.device_get(fresh[module]) for module in batch_stats[name]}
   return state.replace(params=params, opt_state=opt_state, batch_stats=batch_stats), moved
