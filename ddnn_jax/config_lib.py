@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddnn_jax import data, datasets, losses
+from ddnn_jax import losses
 from ddnn_jax.core import errors
+from ddnn_jax.data import datasets, pipeline
 from ddnn_jax.nn import architectures, models, notation
 
 # Fields that define a run: resuming a workdir with other values is refused.
@@ -363,7 +364,7 @@ def depths_of(config: ml_collections.ConfigDict) -> tuple[notation.Depth, ...]:
   if all(notation.width_of(d) == 1.0 for d in depths):
     return depths
   # Along two axes "larger" is more FLOPs (the teacher-assistant chain of IPKD-TA).
-  from ddnn_jax import datasets  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from ddnn_jax.nn import flops  # pylint: disable=g-import-not-at-top
   model = model_from_config(config)
   spec = datasets.get(config.data.dataset)
@@ -378,7 +379,7 @@ class RunSetup:
   model: models.DDNN
   depths: tuple[notation.Depth, ...]
   data_dir: str
-  info: data.DatasetInfo
+  info: pipeline.DatasetInfo
   steps_per_epoch: int
   num_steps: int
   eval_batch_size: int  # Rounded up to a multiple of the device count (padding is masked).
@@ -393,14 +394,14 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
   one-off dataset preparation."""
   validate(config)
   depths = depths_of(config)
-  data_dir = data.ensure_prepared(config.data.dataset, config.data.data_dir,
-                                  config.data.source_dir)
-  info = data.get_dataset_info(config.data.dataset, data_dir, config.data.image_size)
+  data_dir = pipeline.ensure_prepared(config.data.dataset, config.data.data_dir,
+                                      config.data.source_dir)
+  info = pipeline.get_dataset_info(config.data.dataset, data_dir, config.data.image_size)
   if config.data.validation_examples >= info.num_train:
     raise ConfigError(f'data.validation_examples={config.data.validation_examples}: must be '
                       f'below the {info.num_train} training examples')
-  num_train = data.num_train_examples(info, config.data.train_subset,
-                                      config.data.validation_examples)
+  num_train = pipeline.num_train_examples(info, config.data.train_subset,
+                                          config.data.validation_examples)
   steps_per_epoch = num_train // config.train.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f'train.batch_size={config.train.batch_size}: must not exceed the '

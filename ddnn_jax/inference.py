@@ -24,8 +24,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddnn_jax import checkpoints, config_lib, data, datasets, steps, workdir as workdir_lib
+from ddnn_jax import checkpoints, config_lib, steps, workdir as workdir_lib
 from ddnn_jax.core import errors, file_io
+from ddnn_jax.data import datasets, pipeline
 from ddnn_jax.nn import architectures, models, notation
 
 LATENCY_FILE = 'latency.json'
@@ -125,10 +126,10 @@ def enumerate_depths(full: notation.Depth) -> list[notation.Depth]:
 
 def _class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   try:
-    data_dir = data.ensure_prepared(config.data.dataset, config.data.data_dir, None)
-    return data.get_dataset_info(config.data.dataset, data_dir,
-                                 config.data.image_size).class_names
-  except (data.DataError, ValueError):
+    data_dir = pipeline.ensure_prepared(config.data.dataset, config.data.data_dir, None)
+    return pipeline.get_dataset_info(config.data.dataset, data_dir,
+                                     config.data.image_size).class_names
+  except (pipeline.DataError, ValueError):
     return ()
 
 
@@ -174,7 +175,7 @@ def require_data(run: TrainedRun, what: str) -> str:
   it is not there (a copied workdir predicts and exports without it, but evaluating a
   split or recalibrating BN statistics reads images)."""
   try:
-    return data.ensure_prepared(run.config.data.dataset, run.config.data.data_dir, None)
+    return pipeline.ensure_prepared(run.config.data.dataset, run.config.data.data_dir, None)
   except errors.DataError as err:
     raise errors.DataError(f'{what} needs the run\'s data: {err}') from None
 
@@ -184,7 +185,7 @@ def _batches(run: TrainedRun, split: str, batch_size: int,
   config = run.config
   data_dir = require_data(run, f'the {split} split')
   try:
-    yield from data.create_eval_iterator(
+    yield from pipeline.create_eval_iterator(
         config.data.dataset, data_dir, global_batch_size=batch_size,
         image_size=config.data.image_size, subset=subset, split=split,
         validation_examples=config.data.validation_examples)

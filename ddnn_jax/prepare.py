@@ -4,7 +4,7 @@ r"""Prepares a dataset offline into a tfds ArrayRecord data_dir (no TensorFlow, 
   python -m ddnn_jax.prepare cifar10 --from ~/Downloads --data_dir /data/tfds
 
 Reads the original archives from a local folder and writes the dataset (name, version,
-features) that stock tfds would (``ddnn_jax.preparation``). Writes
+features) that stock tfds would (``ddnn_jax.data.preparation``). Writes
 ``DATA_DIR/<name>/<version>/`` (ArrayRecord shards and the dataset info).
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ddnn_jax import cli, datasets, preparation
+from ddnn_jax import cli
+from ddnn_jax.data import datasets, preparation
 
 
 def main(argv: Sequence[str] | None = None) -> None:

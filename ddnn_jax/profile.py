@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ddnn_jax import cli, config_lib, datasets
+from ddnn_jax import cli, config_lib
 from ddnn_jax.core import file_io
+from ddnn_jax.data import datasets
 from ddnn_jax.nn import architectures, flops, models, notation
 
 

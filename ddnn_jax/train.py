@@ -23,9 +23,10 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from ddnn_jax import (checkpoints, config_lib, data, datasets, divergence, optim, preemption,
-                      reporting, steps, workdir as workdir_lib)
+from ddnn_jax import (checkpoints, config_lib, divergence, optim, preemption, reporting, steps,
+                      workdir as workdir_lib)
 from ddnn_jax.core import errors, parallel
+from ddnn_jax.data import datasets, pipeline
 from ddnn_jax.nn import flops, models, ranking
 
 
@@ -33,7 +34,7 @@ def evaluate(eval_step, state: steps.TrainState, config: ml_collections.ConfigDi
              run: config_lib.RunSetup, mesh, split: str = 'test') -> dict[str, np.ndarray]:
   """Top-1 accuracy and mean CE of every depth over a whole split ('test' or the held-out
   'validation')."""
-  eval_iter = data.create_eval_iterator(
+  eval_iter = pipeline.create_eval_iterator(
       config.data.dataset, run.data_dir, global_batch_size=run.eval_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       image_size=config.data.image_size, subset=config.data.eval_subset, split=split,
@@ -144,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       term_norms = steps.jit_term_gradient_norms(
           run.depths, config.mode, steps.LossWeights.from_config(config), mesh=mesh,
           shared=shared)
-    train_iter = data.create_train_iterator(
+    train_iter = pipeline.create_train_iterator(
         config.data.dataset, run.data_dir, global_batch_size=config.train.batch_size,
         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
         image_size=config.data.image_size, num_workers=config.data.num_workers,

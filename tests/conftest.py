@@ -21,9 +21,9 @@ def fashion_mnist_dir(tmp_path_factory):
   """Debian's real Fashion-MNIST, prepared once per session into a tfds data_dir."""
   if not os.path.isdir(FASHION_MNIST):
     pytest.skip('apt-get install dataset-fashion-mnist (.ci/run does)')
-  from ddnn_jax import data  # pylint: disable=g-import-not-at-top
-  return data.ensure_prepared('fashion_mnist', str(tmp_path_factory.mktemp('tfds')),
-                              FASHION_MNIST)
+  from ddnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.ensure_prepared('fashion_mnist', str(tmp_path_factory.mktemp('tfds')),
+                                  FASHION_MNIST)
 
 
 @pytest.fixture(scope='session')
@@ -35,7 +35,7 @@ def small_fashion_mnist_dir(tmp_path_factory):
     pytest.skip('apt-get install dataset-fashion-mnist (.ci/run does)')
   import gzip  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
-  from ddnn_jax import data, preparation  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.data import pipeline, preparation  # pylint: disable=g-import-not-at-top
   from fakes import write_idx  # pylint: disable=g-import-not-at-top
   from jobs import SMALL_FASHION_MNIST  # pylint: disable=g-import-not-at-top
   source = tmp_path_factory.mktemp('fashion_mnist_small')
@@ -44,5 +44,5 @@ def small_fashion_mnist_dir(tmp_path_factory):
       with gzip.open(pathlib.Path(FASHION_MNIST) / f'{stem}.gz', 'rb') as f:
         full = preparation.parse_idx(f.read(), stem)
       write_idx(source / f'{stem}.gz', full[:SMALL_FASHION_MNIST[split]])
-  return data.ensure_prepared('fashion_mnist', str(tmp_path_factory.mktemp('tfds_small')),
-                              str(source))
+  return pipeline.ensure_prepared('fashion_mnist', str(tmp_path_factory.mktemp('tfds_small')),
+                                  str(source))

@@ -20,8 +20,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import config_lib, data, deploy, dynamic, inference, optim, search, train
+from ddnn_jax import config_lib, deploy, dynamic, inference, optim, search, train
 from ddnn_jax.core import errors
+from ddnn_jax.data import pipeline
 from ddnn_jax.nn import notation
 from fakes import write_fake_cifar
 from jobs import assert_one_line_error, run_main, run_module
@@ -233,7 +234,7 @@ def test_export_runs_in_a_fresh_process_with_only_its_stated_requirements(traine
     d = run.resolve(depth)
     stats, _ = inference.stats_for(run, d, CALIB)
     want = np.asarray(inference.logits_fn(run.model, d)(
-        run.used_params(d), stats, data.normalize(pixels, run.spec)))
+        run.used_params(d), stats, pipeline.normalize(pixels, run.spec)))
     for b in (1, 7):
       got = np.load(out / f'logits{b}.npy')
       chex.assert_shape(got, (b, 10))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddnn_jax import preparation, prepare
+from ddnn_jax import prepare
+from ddnn_jax.data import preparation
 from fakes import write_fake_cifar, write_fake_fashion_mnist, write_idx
 
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')

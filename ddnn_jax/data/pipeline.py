@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import datasets, preparation
 from ddnn_jax.core import errors
+from ddnn_jax.data import datasets, preparation
 
 Batch = dict[str, np.ndarray]
 

@@ -1,7 +1,8 @@
 """What ddnn_jax knows about each dataset, in one table.
 
-``data`` reads and augments the datasets, ``prepare`` writes them offline, ``config_lib``
-validates configs against them; all three take their facts from here.
+``pipeline`` reads and augments the datasets, ``preparation`` writes them offline,
+``ddnn_jax.training.config_lib`` validates configs against them; all three take their
+facts from here.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ with numpy only, and writes the same dataset (name, version, features) that
 the stock builder would, so `tfds.data_source(name, data_dir=...)` reads it
 like any other copy.
 
-The command line is ``python -m ddnn_jax.prepare``; data.py prepares Fashion-MNIST with
-it on first use.
+The command line is ``python -m ddnn_jax.prepare``; ``pipeline`` prepares Fashion-MNIST
+with it on first use.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import datasets
 from ddnn_jax.core import errors
+from ddnn_jax.data import datasets
 
 # split -> feature -> array with one row per example; 'image' is uint8 NHWC.
 Arrays = dict[str, dict[str, np.ndarray]]
