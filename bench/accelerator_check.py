@@ -38,7 +38,7 @@ def _step_figures(label, model, depths, image_shape, batch, mesh, steps_timed):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from ddnn_jax import steps  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.training import steps  # pylint: disable=g-import-not-at-top
   from ddnn_jax.core import parallel  # pylint: disable=g-import-not-at-top
   state = parallel.replicate(steps.create_train_state(
       jax.random.key(0), model, depths, optax.sgd(0.01, momentum=0.9), image_shape), mesh)
@@ -73,7 +73,7 @@ def _sharded_equals_unsharded(model, depths, image_shape, batch):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from ddnn_jax import steps  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.training import steps  # pylint: disable=g-import-not-at-top
   from ddnn_jax.core import parallel  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   host = {'image': rng.normal(size=(batch, *image_shape)).astype(np.float32),

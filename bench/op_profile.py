@@ -60,7 +60,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from ddnn_jax import steps  # noqa: E402
+from ddnn_jax.training import steps  # noqa: E402
 from ddnn_jax.nn import architectures, models, notation  # noqa: E402
 
 

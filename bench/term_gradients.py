@@ -24,7 +24,8 @@ def main() -> None:
   parser.add_argument('--mode', default='ekd')
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
-  from ddnn_jax import config_lib, records  # pylint: disable=g-import-not-at-top
+  from ddnn_jax import records  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.training import config_lib  # pylint: disable=g-import-not-at-top
   from ddnn_jax.cpu import device_count  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(args.config)
   config.mode = args.mode
@@ -32,8 +33,8 @@ def main() -> None:
     config.train.term_gradients_every_steps = config.train.log_every_steps
   device_count.apply_for_training(config.train.batch_size)
   import jax  # pylint: disable=g-import-not-at-top
-  from ddnn_jax import train  # pylint: disable=g-import-not-at-top
-  measured = train.measure_step_seconds(config, repeats=args.repeats)
+  from ddnn_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  measured = trainer.measure_step_seconds(config, repeats=args.repeats)
   step, terms = measured['train_step_s'], measured['term_gradients_s']
   every, log_every = config.train.term_gradients_every_steps, config.train.log_every_steps
   print(f'{records.cpu_model()} ({records.instruction_set()}), {os.cpu_count()} cores, '

@@ -70,7 +70,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from ddnn_jax import steps  # noqa: E402
+from ddnn_jax.training import steps  # noqa: E402
 from ddnn_jax.nn import architectures, flops, models, notation  # noqa: E402
 from ddnn_jax.core import parallel  # noqa: E402
 from ddnn_jax.cpu import onednn  # noqa: E402

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_jax import cli, losses, paper, stats
+from ddnn_jax import cli, paper, stats
 from ddnn_jax.core import file_io
 from ddnn_jax.nn import architectures, notation
+from ddnn_jax.training import losses
 
 # Fields that must agree for runs to compare: what is trained, on what, for how long.
 SAME = ('dataset', 'arch', 'width', 'num_epochs', 'train_subset', 'validation_examples',

@@ -24,9 +24,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddnn_jax import cascading, deploy, inference, steps
+from ddnn_jax import cascading, deploy, inference
 from ddnn_jax.core import errors
 from ddnn_jax.nn import notation
+from ddnn_jax.training import steps
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ddnn_jax import cascading, cli, deploy, inference, steps
+from ddnn_jax import cascading, cli, deploy, inference
 from ddnn_jax.core import errors
 from ddnn_jax.nn import architectures, flops, models, notation
+from ddnn_jax.training import steps
 
 # What a process loading an artifact imports, and what to pip install for it.
 REQUIREMENTS = {

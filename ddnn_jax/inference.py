@@ -24,10 +24,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddnn_jax import checkpoints, config_lib, steps, workdir as workdir_lib
 from ddnn_jax.core import errors, file_io
 from ddnn_jax.data import datasets, pipeline
 from ddnn_jax.nn import architectures, models, notation
+from ddnn_jax.training import checkpoints, config_lib, steps, workdir as workdir_lib
 
 LATENCY_FILE = 'latency.json'
 CALIBRATION_DIR = 'bn_calibration'

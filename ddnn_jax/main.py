@@ -76,12 +76,14 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, tfds its decoder.
   device_count.apply_for_training(FLAGS.config.train.batch_size, FLAGS.num_processes or 1)
   # Imported after flag parsing: jax must not initialise before jax.distributed does.
-  from ddnn_jax import divergence, preemption, train  # pylint: disable=g-import-not-at-top
-  from ddnn_jax.core import parallel  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.core import parallel
+  from ddnn_jax.training import divergence, preemption, trainer
+  # pylint: enable=g-import-not-at-top
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, detect=FLAGS.distributed)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except errors.UsageError as err:  # Config, data, workdir and checkpoint problems.
     fail(str(err))
   except divergence.Diverged as err:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ddnn_jax import cli, config_lib
+from ddnn_jax import cli
 from ddnn_jax.core import file_io
 from ddnn_jax.data import datasets
 from ddnn_jax.nn import architectures, flops, models, notation
+from ddnn_jax.training import config_lib
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -91,7 +91,7 @@ def load_config(spec: str, overrides: Sequence[str]):
 
 def base_depths(spec: str, overrides: Sequence[str]):
   """The depths of the config (full net first) and whether it has sub-nets."""
-  from ddnn_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.training import config_lib  # pylint: disable=g-import-not-at-top
   base = load_config(spec, overrides)
   base.mode = 'ddnn' if base.model.subnets else 'individual'
   try:
@@ -112,7 +112,7 @@ class Planner:
     self._configs: dict[str, dict[str, Any]] = {}
 
   def __call__(self) -> tuple[list[Run], list[str]]:
-    from ddnn_jax import config_lib  # pylint: disable=g-import-not-at-top
+    from ddnn_jax.training import config_lib  # pylint: disable=g-import-not-at-top
     runs, waiting = self._plan()
     for run in runs:
       if run.name not in self._configs:
@@ -328,9 +328,9 @@ def probe(key: Sequence[str]) -> int:
   config = load_config(spec, overrides)
   from ddnn_jax.cpu import device_count  # pylint: disable=g-import-not-at-top
   device_count.apply_for_training(config.train.batch_size)
-  from ddnn_jax import train  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.training import trainer  # pylint: disable=g-import-not-at-top
   try:
-    print(json.dumps(train.measure_step_seconds(config)))
+    print(json.dumps(trainer.measure_step_seconds(config)))
   except errors.UsageError as err:
     raise cli.UsageError(str(err)) from None
   return 0
@@ -394,7 +394,7 @@ def run_study(planner: Planner, *, record: str | None, slots: Sequence[Sequence[
               finish: Callable[[list[str]], int]) -> int:
   """Trains every unfinished run (``len(slots)`` at once), records each finished one, then
   ``finish(finished run directories)``; returns the exit code."""
-  from ddnn_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   root = planner.root
   os.makedirs(os.path.join(root, 'logs'), exist_ok=True)
   stop = _Stop()

@@ -26,9 +26,10 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ddnn_jax import comparison, config_lib, losses, records, stats
+from ddnn_jax import comparison, records, stats
 from ddnn_jax.core import errors
 from ddnn_jax.nn import notation
+from ddnn_jax.training import config_lib, losses
 
 
 @dataclasses.dataclass(frozen=True)

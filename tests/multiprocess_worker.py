@@ -19,7 +19,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Importing is fine before jax.distributed.initialize; only computations are not.
-from ddnn_jax import steps  # noqa: E402
+from ddnn_jax.training import steps  # noqa: E402
 from ddnn_jax.nn import architectures, models  # noqa: E402
 from ddnn_jax.core import parallel  # noqa: E402
 

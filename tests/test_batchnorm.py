@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import steps
 from ddnn_jax.cpu import batchnorm
 from ddnn_jax.nn import architectures, layers, models
+from ddnn_jax.training import steps
 
 
 def _reference(x, scale, bias, residual, epsilon, relu):

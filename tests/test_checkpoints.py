@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddnn_jax import checkpoints, divergence
+from ddnn_jax.training import checkpoints, divergence
 
 
 class _State:

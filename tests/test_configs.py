@@ -9,8 +9,9 @@ import sys
 import jax
 import pytest
 
-from ddnn_jax import config_lib, optim, profile
+from ddnn_jax import profile
 from ddnn_jax.nn import architectures, flops, models, notation
+from ddnn_jax.training import config_lib, optim
 from fakes import write_fake_cifar
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

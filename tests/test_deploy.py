@@ -20,10 +20,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import config_lib, deploy, dynamic, inference, optim, search, train
+from ddnn_jax import deploy, dynamic, inference, search
 from ddnn_jax.core import errors
 from ddnn_jax.data import pipeline
 from ddnn_jax.nn import notation
+from ddnn_jax.training import config_lib, optim, trainer
 from fakes import write_fake_cifar
 from jobs import assert_one_line_error, run_main, run_module
 
@@ -352,7 +353,7 @@ def test_init_from_starts_a_new_depth_set_from_the_trained_parameters(trained, r
   config.model.subnets = tuple(tuple(d) for d in config.model.subnets)
   run_setup = config_lib.setup(config)
   lr = optim.create_learning_rate_fn(config, run_setup.steps_per_epoch)
-  state = train.initial_state(config, run_setup, lr)
+  state = trainer.initial_state(config, run_setup, lr)
   chex.assert_trees_all_equal(jax.device_get(state.params), run.params)
   # Depths both runs train keep their statistics; a new one starts fresh.
   chex.assert_trees_all_equal(jax.device_get(state.batch_stats['1-1-1']),

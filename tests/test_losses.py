@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddnn_jax import losses
+from ddnn_jax.training import losses
 
 D, B, C = 4, 5, 6  # full net + 3 sub-nets, batch, classes
 STAGE_SHAPES = [(4, 4, 3), (2, 2, 5)]

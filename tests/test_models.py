@@ -10,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import losses, profile
+from ddnn_jax import profile
 from ddnn_jax.nn import architectures, flops, models, notation
+from ddnn_jax.training import losses
 
 B = 2
 

@@ -13,10 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import steps
 from ddnn_jax.core import parallel
 from ddnn_jax.cpu import onednn
 from ddnn_jax.nn import models
+from ddnn_jax.training import steps
 
 NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 

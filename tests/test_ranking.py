@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import config_lib, steps
 from ddnn_jax.nn import architectures, flops, models, notation, ranking
+from ddnn_jax.training import config_lib, steps
 from jobs import TINY, assert_one_line_error, run_main
 
 S = notation.SubNet

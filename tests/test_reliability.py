@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddnn_jax import checkpoints
+from ddnn_jax.training import checkpoints
 from jobs import TINY, assert_one_line_error, checkpoint_steps, restore_state, run_main
 
 pytestmark = pytest.mark.slow  # Every test here trains in subprocesses.

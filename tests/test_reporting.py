@@ -1,4 +1,5 @@
-"""Tests for ddnn_jax.reporting: metric files, results table, CSV and plot."""
+"""Tests for ddnn_jax.training.reporting (metric files, results table and plot) and the CSV
+helpers of ddnn_jax.core.file_io."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddnn_jax import reporting
+from ddnn_jax.training import reporting
 
 
 def _read_tb_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import losses, steps
 from ddnn_jax.nn import architectures, flops, models, notation
+from ddnn_jax.training import losses, steps
 
 ARCH, SUBNETS, IMAGE = 'resnet20', [(1, 1, 1), (2, 2, 2)], (8, 8, 3)
 NUM_CLASSES = 4

@@ -12,8 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import config_lib, search, steps
+from ddnn_jax import search
 from ddnn_jax.nn import architectures, flops, layers, models, notation
+from ddnn_jax.training import config_lib, steps
 from jobs import assert_one_line_error, run_main, run_module
 
 S = notation.SubNet

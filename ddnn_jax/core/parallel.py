@@ -91,7 +91,7 @@ def initialize_distributed(coordinator_address: str | None = None,
   if not (explicit or cluster or detect):
     return
   _enable_cpu_collectives()
-  # ddnn_jax.preemption handles SIGTERM itself (jax's service would take the signal
+  # ddnn_jax.training.preemption handles SIGTERM itself (jax's service would take the signal
   # over and answer about a second late).
   jax.config.update('jax_enable_preemption_service', False)
   try:

@@ -24,8 +24,8 @@ from jax.experimental import multihost_utils
 import jax
 import numpy as np
 
-from ddnn_jax import config_lib
 from ddnn_jax.core import errors, parallel
+from ddnn_jax.training import config_lib
 
 LOCK_FILE = '.lock'
 CONFIG_FILE = 'config.json'

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddnn_jax import losses
 from ddnn_jax.core import errors
 from ddnn_jax.data import datasets, pipeline
 from ddnn_jax.nn import architectures, models, notation
+from ddnn_jax.training import losses
 
 # Fields that define a run: resuming a workdir with other values is refused.
 RUN_IDENTITY = ('mode', 'model.arch', 'model.subnets', 'model.width', 'model.widths',

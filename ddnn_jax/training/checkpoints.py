@@ -20,8 +20,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from ddnn_jax import divergence
 from ddnn_jax.core.errors import UsageError
+from ddnn_jax.training import divergence
 
 CHECKPOINT_DIR = 'checkpoints'
 

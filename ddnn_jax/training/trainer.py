@@ -23,11 +23,11 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from ddnn_jax import (checkpoints, config_lib, divergence, optim, preemption, reporting, steps,
-                      workdir as workdir_lib)
 from ddnn_jax.core import errors, parallel
 from ddnn_jax.data import datasets, pipeline
 from ddnn_jax.nn import flops, models, ranking
+from ddnn_jax.training import (checkpoints, config_lib, divergence, optim, preemption, reporting,
+                               steps, workdir as workdir_lib)
 
 
 def evaluate(eval_step, state: steps.TrainState, config: ml_collections.ConfigDict,

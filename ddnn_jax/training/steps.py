@@ -19,9 +19,9 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from ddnn_jax import losses
 from ddnn_jax.core import parallel
 from ddnn_jax.nn import models, notation, ranking
+from ddnn_jax.training import losses
 
 
 class TrainState(train_state.TrainState):
