@@ -22,7 +22,7 @@ from ddnn_jax.cpu import defaults  # noqa: E402
 
 defaults.apply()
 
-from ddnn_jax import inference  # noqa: E402
+from ddnn_jax.deploy import bn_calibration, trained_run  # noqa: E402
 from ddnn_jax.nn import notation  # noqa: E402
 
 
@@ -35,20 +35,20 @@ def main():
   parser.add_argument('--out', help='also write the table (Markdown) here')
   args = parser.parse_args()
 
-  run = inference.load_run(args.workdir)
+  run = trained_run.load_run(args.workdir)
   depths = [run.resolve(d) for d in args.depths.split(',')]
   trained = [d for d in depths if run.is_trained(d)]
   if trained:
     parser.error(f'trained depths have their own statistics: {trained}')
   sizes = [int(n) for n in args.examples.split(',')]
-  validation = inference.SplitCache(run, 'validation', 500)
+  validation = trained_run.SplitCache(run, 'validation', 500)
   header = ['depth', 'full-net BN'] + [f'{n}' for n in sizes]
   rows = []
   for depth in depths:
-    errors = [100 * (1 - inference.accuracy(run, depth, run.full_net_stats(depth), validation))]
+    errors = [100 * (1 - trained_run.accuracy(run, depth, run.full_net_stats(depth), validation))]
     for n in sizes:
-      stats = inference.recalibrate(run, depth, inference.calibration_batches(run, n))
-      errors.append(100 * (1 - inference.accuracy(run, depth, stats, validation)))
+      stats = bn_calibration.recalibrate(run, depth, bn_calibration.calibration_batches(run, n))
+      errors.append(100 * (1 - trained_run.accuracy(run, depth, stats, validation)))
     rows.append([notation.format_depth(depth)] + errors)
     print(' '.join(f'{e:.2f}' if isinstance(e, float) else e for e in rows[-1]), flush=True)
   means = ['mean'] + [statistics.mean(r[i] for r in rows) for i in range(1, len(header))]

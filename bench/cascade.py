@@ -3,7 +3,7 @@
   python bench/cascade.py --workdir W [--cascade W/cascade/chosen.json] [--rounds 5]
 
 One process, alternating rounds: in each round the whole test split goes through the
-cascade's real early exit (``cascading.Executor``) and through the full net, at batch 256,
+cascade's real early exit (``early_exit.Executor``) and through the full net, at batch 256,
 then the first ``--batch1_images`` test images one at a time through both. Prints img/s
 (median of the rounds) and their ratio, and the mean FLOPs per image the cascade realised
 on the test split against the expected (validation) figure in chosen.json. Measures and
@@ -26,7 +26,7 @@ defaults.apply()
 
 import numpy as np  # noqa: E402
 
-from ddnn_jax import cascading, inference  # noqa: E402
+from ddnn_jax.deploy import bn_calibration, early_exit, trained_run  # noqa: E402
 from ddnn_jax.nn import flops, notation  # noqa: E402
 
 
@@ -39,15 +39,15 @@ def main():
   parser.add_argument('--rounds', type=int, default=5)
   args = parser.parse_args()
   path = args.cascade or os.path.join(args.workdir, 'cascade', 'chosen.json')
-  run = inference.load_run(args.workdir)
-  cascade = cascading.read_chosen(path, run)
+  run = trained_run.load_run(args.workdir)
+  cascade = early_exit.read_chosen(path, run)
   full = run.full_depth
-  stats = {d: inference.stats_for(run, d)[0] for d in {*cascade.depths, full}}
+  stats = {d: bn_calibration.stats_for(run, d)[0] for d in {*cascade.depths, full}}
   images = np.concatenate([b['image'][b['mask'] > 0]
-                           for b in inference.SplitCache(run, 'test', 512)])
-  cascade_batched = cascading.Executor(run, cascade, stats, args.batch)
-  cascade_single = cascading.Executor(run, cascade, stats, 1)
-  full_apply = cascading.cached_stage(run, full, 0, 0)
+                           for b in trained_run.SplitCache(run, 'test', 512)])
+  cascade_batched = early_exit.Executor(run, cascade, stats, args.batch)
+  cascade_single = early_exit.Executor(run, cascade, stats, 1)
+  full_apply = early_exit.cached_stage(run, full, 0, 0)
   full_params, full_stats = run.used_params(full), stats[full]
 
   def full_net(x, batch):
@@ -77,8 +77,8 @@ def main():
   rate = {name: n / statistics.median(times[name]) for name, (_, n) in variants.items()}
 
   _, stage = cascade_batched.logits(images)
-  costs = cascading.stage_costs(run.model, run.image_shape, cascade.depths, cascade.trunk)
-  realised = cascading.mean_cost(stage, costs)
+  costs = early_exit.stage_costs(run.model, run.image_shape, cascade.depths, cascade.trunk)
+  realised = early_exit.mean_cost(stage, costs)
   with open(path, encoding='utf-8') as f:
     expected = json.load(f).get('expected', {}).get('mean_flops')
   full_flops = flops.profile_subnet(run.model, run.image_shape, full).flops

@@ -1,4 +1,4 @@
-"""What the command-line tools share: one-line errors with exit code 2, progress bars.
+"""What the command-line tools share: one-line errors with exit code 2, progress bars, flags.
 
 Every tool is ``python -m ddnn_jax.NAME``: bad input prints one ``error: ...`` line on
 stderr, exits with 2 and writes nothing; long work shows a progress bar on stderr;
@@ -8,6 +8,7 @@ results go to files as well as the terminal.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -15,8 +16,6 @@ from typing import Any, NoReturn, TypeVar
 from ddnn_jax.core import errors
 
 T = TypeVar('T')
-ArgumentTypeError = argparse.ArgumentTypeError
-UsageError = errors.UsageError
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -115,3 +114,45 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
     return main(argv)
   except errors.UsageError as err:
     fail(str(err))
+
+
+# --- the deploy commands' flags ---------------------------------------------------
+
+
+def add_run_flags(parser: ArgumentParser) -> None:
+  parser.add_argument('--workdir', required=True, help='the --workdir of a training run')
+  parser.add_argument('--step', default='latest', type=parse_step,
+                      help="checkpoint: 'latest' (default), 'best' or a step number")
+
+
+def add_measure_flags(parser: ArgumentParser) -> None:
+  # pylint: disable-next=g-import-not-at-top
+  from ddnn_jax.deploy import bn_calibration  # Imports jax: only the deploy tools need it.
+  parser.add_argument('--calib_examples', type=positive_int,
+                      default=bn_calibration.DEFAULT_CALIB_EXAMPLES,
+                      help='training images for BN recalibration of untrained depths')
+  parser.add_argument('--batch_size', type=positive_int, default=64,
+                      help='batch of the accuracy pass and of the larger latency (also at 1)')
+  parser.add_argument('--latency_repeats', type=positive_int, default=20,
+                      help='timed calls per latency (their median; after warm-up)')
+
+
+def parse_step(text: str) -> str | int:
+  if text in ('latest', 'best'):
+    return text
+  if text.isdigit():
+    return int(text)
+  raise argparse.ArgumentTypeError(f"'latest', 'best' or a step number, not {text!r}")
+
+
+def parse_flops(text: str) -> float:
+  """argparse type: '20M', '1.5G', '800K' or a plain number of multiply-adds."""
+  scale = {'K': 1e3, 'M': 1e6, 'G': 1e9}.get(text[-1:].upper(), 1)
+  try:
+    value = float(text[:-1] if scale != 1 else text) * scale
+  except ValueError:
+    value = math.nan
+  if not 0 < value < math.inf:
+    raise argparse.ArgumentTypeError(
+        f"a number of multiply-adds like 20M or 1.5G, not {text!r}")
+  return value

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 from ddnn_jax import cli, comparison
 from ddnn_jax.comparison import DEFAULT_DIFFS, SPLIT_COLUMNS
-from ddnn_jax.core import file_io
+from ddnn_jax.core import errors, file_io
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -48,9 +48,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                       "group if they are one, else the nearest group of their full net")
   args = parser.parse_args(argv)
   if len(set(map(os.path.abspath, args.workdirs))) != len(args.workdirs):
-    raise cli.UsageError('a workdir is given twice')
+    raise errors.UsageError('a workdir is given twice')
   if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise cli.UsageError(f'--out {args.out} exists and is not a directory')
+    raise errors.UsageError(f'--out {args.out} exists and is not a directory')
   diff_pairs = comparison.parse_diffs(args.diffs)
   reference = comparison.parse_paper(args.paper)
   runs = [comparison.read_run(w, args.split) for w in args.workdirs]

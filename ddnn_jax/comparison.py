@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_jax import cli, paper, stats
-from ddnn_jax.core import file_io
+from ddnn_jax import paper, stats
+from ddnn_jax.core import errors, file_io
 from ddnn_jax.nn import architectures, notation
 from ddnn_jax.training import losses
 
@@ -37,19 +37,19 @@ def read_run(workdir: str, split: str = 'test') -> dict[str, Any]:
   config_path = os.path.join(workdir, 'config.json')
   results_path = os.path.join(workdir, 'results.csv')
   if not os.path.isfile(config_path):
-    raise cli.UsageError(f'{workdir} is not a ddnn_jax workdir (no config.json)')
+    raise errors.UsageError(f'{workdir} is not a ddnn_jax workdir (no config.json)')
   if not os.path.isfile(results_path):
-    raise cli.UsageError(f'{workdir} has no results.csv: the run has not finished')
+    raise errors.UsageError(f'{workdir} has no results.csv: the run has not finished')
   with open(config_path, encoding='utf-8') as f:
     config = json.load(f)
   rows = file_io.read_csv(results_path)
   if not rows:
-    raise cli.UsageError(f'{results_path} holds no results')
+    raise errors.UsageError(f'{results_path} holds no results')
   column = SPLIT_COLUMNS[split]
   if any(not r.get(column) for r in rows):
     why = ('the run held out no validation split (data.validation_examples=0) or predates '
            'validation errors') if split == 'validation' else 'it is incomplete'
-    raise cli.UsageError(f'{results_path} has no {split} errors (column {column}): {why}')
+    raise errors.UsageError(f'{results_path} has no {split} errors (column {column}): {why}')
   get = lambda *keys: _get(config, keys)  # noqa: E731
   scheme = (config.get('label') or config['mode']) + (RANKED if get('model', 'noise_ranking')
                                                       else '')
@@ -76,7 +76,7 @@ def check_comparable(runs: Sequence[dict[str, Any]]) -> None:
   for run in runs[1:]:
     for key in SAME:
       if run[key] != first[key]:
-        raise cli.UsageError(
+        raise errors.UsageError(
             f'{run["workdir"]} trained {key}={run[key]!r} but {first["workdir"]} '
             f'{key}={first[key]!r}: only runs of one dataset, full net and training budget '
             'compare')
@@ -93,7 +93,7 @@ def comparison(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
           'params': row['params'], 'flops': row['flops'], 'errors': {}})
       seeds = entry['errors'].setdefault(run['mode'], {})
       if run['seed'] in seeds:
-        raise cli.UsageError(
+        raise errors.UsageError(
             f'two runs of mode {run["mode"]} with seed {run["seed"]} train depth '
             f'{notation.format_depth(row["depth"])} (one is {run["workdir"]}): give each '
             '(mode, seed) once')
@@ -114,9 +114,9 @@ def parse_diffs(text: str) -> list[tuple[str, str]]:
   for item in filter(None, text.split(',')):
     a, sep, b = item.partition('-')
     if not sep or not scheme.fullmatch(a) or not scheme.fullmatch(b) or a == b:
-      raise cli.UsageError(f'--diffs: {item!r} must be two different schemes as A-B: modes '
-                           f'({", ".join(losses.MODES)}), MODE{RANKED} for a noise-ranked '
-                           'run, or a label of the runs')
+      raise errors.UsageError(f'--diffs: {item!r} must be two different schemes as A-B: modes '
+                              f'({", ".join(losses.MODES)}), MODE{RANKED} for a noise-ranked '
+                              'run, or a label of the runs')
     diffs.append((a, b))
   return diffs
 
@@ -128,8 +128,8 @@ def check_diff_schemes(runs: Sequence[dict[str, Any]], diffs: Sequence[tuple[str
   for a, b in diffs:
     for scheme in (a, b):
       if scheme not in SCHEMES and scheme not in labels:
-        raise cli.UsageError(f'--diffs: {a}-{b}: {scheme!r} is no mode and no label of these '
-                             f'runs ({", ".join(sorted(labels))})')
+        raise errors.UsageError(f'--diffs: {a}-{b}: {scheme!r} is no mode and no label of these '
+                                f'runs ({", ".join(sorted(labels))})')
 
 
 def differences(rows: Sequence[dict[str, Any]], diffs: Sequence[tuple[str, str]]
@@ -301,11 +301,11 @@ def parse_paper(text: str | None) -> paper.Group | None:
     return None
   dataset, sep, name = text.partition(':')
   if not sep:
-    raise cli.UsageError(f'--paper {text!r}: give DATASET:GROUP, e.g. cifar10:r20_r16')
+    raise errors.UsageError(f'--paper {text!r}: give DATASET:GROUP, e.g. cifar10:r20_r16')
   try:
     return paper.get(dataset, name)
   except ValueError as err:
-    raise cli.UsageError(f'--paper: {err}') from None
+    raise errors.UsageError(f'--paper: {err}') from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ddnn_jax import cascading, cli, deploy, dynamic, inference
+from ddnn_jax import cli
 from ddnn_jax.core import errors, file_io
+from ddnn_jax.deploy import dynamic, early_exit, trained_run
 from ddnn_jax.nn import notation
 
 
@@ -39,7 +40,7 @@ def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.ArgumentParser(prog='python -m ddnn_jax.predict', doc=__doc__,
                               example='python -m ddnn_jax.predict --workdir /tmp/ddnn --images shoe.png --depth 2-2-2')
-  deploy.add_run_flags(parser)
+  cli.add_run_flags(parser)
   parser.add_argument('--images', nargs='+', required=True, help='PNG or JPEG files')
   choice = parser.add_mutually_exclusive_group()
   choice.add_argument('--depth', help='depth to run, e.g. 2-2-2 (default: the full net)')
@@ -56,12 +57,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   # Every image (and the cascade file) is read before the (slower) model: a bad one fails
   # at once.
-  config = inference.load_config(args.workdir)
-  shape = inference.input_shape(config)
+  config = trained_run.load_config(args.workdir)
+  shape = trained_run.input_shape(config)
   pixels = np.stack([read_image(path, shape) for path in args.images])
   cascade = None
   if args.cascade:
-    cascade = cascading.read_chosen(args.cascade, arch=config.model.arch)
+    cascade = early_exit.read_chosen(args.cascade, arch=config.model.arch)
     model = dynamic.DynamicModel.load(args.workdir, list(cascade.depths), step=args.step)
     prediction = model.predict(pixels, cascade=cascade)
   elif args.latency_ms is not None:

@@ -86,7 +86,7 @@ def load_config(spec: str, overrides: Sequence[str]):
     values(argv)
     return values.config
   except Exception as err:  # noqa: BLE001 - flag and config-file errors of every kind.
-    raise cli.UsageError(errors.one_line(err, argv)) from None
+    raise errors.UsageError(errors.one_line(err, argv)) from None
 
 
 def base_depths(spec: str, overrides: Sequence[str]):
@@ -98,7 +98,7 @@ def base_depths(spec: str, overrides: Sequence[str]):
     config_lib.validate(base)
     return config_lib.depths_of(base), bool(base.model.subnets)
   except errors.UsageError as err:
-    raise cli.UsageError(f'--config {spec}: {err}') from None
+    raise errors.UsageError(f'--config {spec}: {err}') from None
 
 
 class Planner:
@@ -120,7 +120,7 @@ class Planner:
         try:
           config_lib.validate(config)
         except errors.UsageError as err:
-          raise cli.UsageError(f'run {run.name}: {err}') from None
+          raise errors.UsageError(f'run {run.name}: {err}') from None
         self._configs[run.name] = json.loads(config.to_json())
     return runs, waiting
 
@@ -150,7 +150,7 @@ def read_manifest(root: str) -> dict[str, Any]:
   except FileNotFoundError:
     return {'runs': {}}
   except (OSError, ValueError) as err:
-    raise cli.UsageError(f'cannot read {os.path.join(root, MANIFEST)}: {err}') from None
+    raise errors.UsageError(f'cannot read {os.path.join(root, MANIFEST)}: {err}') from None
 
 
 def write_manifest(root: str, manifest: dict[str, Any]) -> None:
@@ -296,8 +296,8 @@ def probe_seconds(planner: Planner, run: Run, cores: Sequence[int]) -> float:
           planner.key(run)[0], *planner.key(run)[1:]]
   result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
   if result.returncode:
-    raise cli.UsageError(f'run {run.name}: measuring its step time failed: '
-                         f'{(result.stderr.strip().splitlines() or ["?"])[-1]}')
+    raise errors.UsageError(f'run {run.name}: measuring its step time failed: '
+                            f'{(result.stderr.strip().splitlines() or ["?"])[-1]}')
   measured = json.loads(result.stdout.strip().splitlines()[-1])
   return STARTUP_SECONDS + measured['seconds']
 
@@ -332,7 +332,7 @@ def probe(key: Sequence[str]) -> int:
   try:
     print(json.dumps(trainer.measure_step_seconds(config)))
   except errors.UsageError as err:
-    raise cli.UsageError(str(err)) from None
+    raise errors.UsageError(str(err)) from None
   return 0
 
 
@@ -348,7 +348,7 @@ def core_slots(parallel: int) -> list[list[int]]:
   cores = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else list(
       range(os.cpu_count() or 1))
   if parallel > len(cores):
-    raise cli.UsageError(f'--parallel {parallel}: this process may use {len(cores)} cores')
+    raise errors.UsageError(f'--parallel {parallel}: this process may use {len(cores)} cores')
   size = len(cores) // parallel
   return [cores[i * size:(i + 1) * size] for i in range(parallel)]
 
@@ -541,7 +541,7 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
     if arg.startswith('--config.'):
       if '=' not in arg:
         if i + 1 >= len(argv) or argv[i + 1].startswith('--'):
-          raise cli.UsageError(f'override {arg} needs a value')
+          raise errors.UsageError(f'override {arg} needs a value')
         arg, i = f'{arg}={argv[i + 1]}', i + 1
       overrides.append(arg)
     else:
@@ -562,7 +562,7 @@ def parse_deadline(hours: float | None, until: str | None,
   try:
     at = datetime.datetime.strptime(until, '%H:%M').time()
   except ValueError:
-    raise cli.UsageError(f'--until {until!r}: give a time of day as HH:MM, e.g. 18:30') from None
+    raise errors.UsageError(f'--until {until!r}: give a time of day as HH:MM, e.g. 18:30') from None
   when = datetime.datetime.combine(now.date(), at)
   if when <= now:
     when += datetime.timedelta(days=1)
@@ -614,31 +614,31 @@ def main(argv: Sequence[str] | None = None) -> int:
   own, overrides, extra = split_argv(argv)
   args = build_parser().parse_args(own)
   if not 0 <= args.nice <= 19:
-    raise cli.UsageError(f'--nice {args.nice}: must be in 0..19')
+    raise errors.UsageError(f'--nice {args.nice}: must be in 0..19')
   preset = study_plan.PRESETS.get(args.preset)
   if preset is not None:
     for flag in ('config', 'schemes', 'seeds'):
       if getattr(args, flag) is not None:
-        raise cli.UsageError(f'--preset {preset.name} sets the runs: drop --{flag}')
+        raise errors.UsageError(f'--preset {preset.name} sets the runs: drop --{flag}')
     spec = preset.config
     record = args.record or preset.record
     root = args.root or os.path.join(os.path.expanduser('~'), 'ddnn_jax_studies', preset.name)
   else:
     if args.config is None or args.root is None:
-      raise cli.UsageError('give --preset NAME, or --config and --root')
+      raise errors.UsageError('give --preset NAME, or --config and --root')
     if args.report:
-      raise cli.UsageError('--report rewrites a preset\'s report: give --preset NAME')
+      raise errors.UsageError('--report rewrites a preset\'s report: give --preset NAME')
     spec, record, root = args.config, args.record, args.root
   root = os.path.abspath(root)
   if os.path.exists(root) and not os.path.isdir(root):
-    raise cli.UsageError(f'--root {root} exists and is not a directory')
+    raise errors.UsageError(f'--root {root} exists and is not a directory')
   if record is not None and os.path.exists(record) and not os.path.isdir(record):
-    raise cli.UsageError(f'--record {record} exists and is not a directory')
+    raise errors.UsageError(f'--record {record} exists and is not a directory')
   parallel = args.parallel or default_parallel()
   slots = core_slots(parallel)
   if parallel > 1 and not shutil.which('taskset'):
-    raise cli.UsageError(f'--parallel {parallel} pins runs to cores with taskset, which is '
-                         'not installed (util-linux)')
+    raise errors.UsageError(f'--parallel {parallel} pins runs to cores with taskset, which is '
+                            'not installed (util-linux)')
   deadline = parse_deadline(args.hours, args.until)
   depths, has_subnets = base_depths(spec, overrides)
   if preset is not None:
@@ -662,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   if args.detach:
     if _lock_holder(root):
-      raise cli.UsageError(f'--root {root} is in use by a live study ({_lock_holder(root)})')
+      raise errors.UsageError(f'--root {root} is in use by a live study ({_lock_holder(root)})')
     detach(argv, root)
     return 0
   header = {'config': spec, 'overrides': overrides, 'extra': extra,

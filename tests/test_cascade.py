@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddnn_jax import cascading, dynamic, inference
+from ddnn_jax.deploy import bn_calibration, dynamic, early_exit, trained_run
 from ddnn_jax.nn import notation
 from jobs import SMALL_FASHION_MNIST, assert_one_line_error, run_main, run_module
 
@@ -29,27 +29,27 @@ def _overconfident(n=4000, seed=0):
 
 def test_temperature_lowers_ece_on_an_overconfident_model():
   logits, labels = _overconfident()
-  t = cascading.fit_temperature(logits, labels)
-  before, after = cascading.ece(logits, labels), cascading.ece(logits, labels, t)
+  t = early_exit.fit_temperature(logits, labels)
+  before, after = early_exit.ece(logits, labels), early_exit.ece(logits, labels, t)
   assert t > 2  # Overconfident: softened.
   assert before > 20 and after < before / 4, (before, after)
-  assert cascading.nll(logits, labels, t) < cascading.nll(logits, labels, 1.0)
+  assert early_exit.nll(logits, labels, t) < early_exit.nll(logits, labels, 1.0)
 
 
 def test_temperature_recovers_the_one_that_made_the_labels():
   rng = np.random.default_rng(1)
   logits = rng.normal(0, 3, (20000, 5))
-  p = cascading.softmax(logits, 2.0)
+  p = early_exit.softmax(logits, 2.0)
   labels = np.array([rng.choice(5, p=row) for row in p])
-  assert cascading.fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.1)
+  assert early_exit.fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.1)
 
 
-@pytest.mark.parametrize('score', cascading.SCORES)
+@pytest.mark.parametrize('score', early_exit.SCORES)
 def test_scores_are_in_the_unit_interval_and_order_confidence(score):
   sure = np.array([[10.0, 0.0, 0.0]])
   unsure = np.array([[1.0, 0.9, 0.8]])
   uniform = np.zeros((1, 3))
-  values = [cascading.confidence(z, 1.0, score)[0] for z in (sure, unsure, uniform)]
+  values = [early_exit.confidence(z, 1.0, score)[0] for z in (sure, unsure, uniform)]
   assert 1 >= values[0] > values[1] > values[2] >= 0, values
 
 
@@ -61,16 +61,16 @@ def _random_cascade(stages=3, n=500, seed=0):
   return logits, labels, depths
 
 
-@pytest.mark.parametrize('score', cascading.SCORES)
+@pytest.mark.parametrize('score', early_exit.SCORES)
 def test_threshold_one_is_the_last_stage_and_zero_the_first(score):
   logits, _, depths = _random_cascade()
   temps = (1.0, 1.0, 1.0)
-  last = cascading.Cascade(tuple(depths), (1.0, 1.0), temps, score)
-  stage, out = cascading.simulate(last, logits)
+  last = early_exit.Cascade(tuple(depths), (1.0, 1.0), temps, score)
+  stage, out = early_exit.simulate(last, logits)
   assert (stage == 2).all()
   np.testing.assert_array_equal(out, logits[2])
-  first = cascading.Cascade(tuple(depths), (0.0, 0.5), temps, score)
-  stage, out = cascading.simulate(first, logits)
+  first = early_exit.Cascade(tuple(depths), (0.0, 0.5), temps, score)
+  stage, out = early_exit.simulate(first, logits)
   assert (stage == 0).all()
   np.testing.assert_array_equal(out, logits[0])
 
@@ -79,16 +79,16 @@ def test_sweep_agrees_with_the_simulation_and_counts_costs():
   logits, labels, depths = _random_cascade()
   temps = (0.7, 1.3, 1.0)
   grids = [np.array([0.2, 0.5]), np.array([0.3, 0.9])]
-  swept = cascading.sweep(logits, labels, temps, 'maxprob', grids)
+  swept = early_exit.sweep(logits, labels, temps, 'maxprob', grids)
   assert len(swept) == 4
   for thresholds, fractions, error in swept:
-    cascade = cascading.Cascade(tuple(depths), thresholds, temps, 'maxprob')
-    stage, out = cascading.simulate(cascade, logits)
+    cascade = early_exit.Cascade(tuple(depths), thresholds, temps, 'maxprob')
+    stage, out = early_exit.simulate(cascade, logits)
     np.testing.assert_allclose(fractions, np.bincount(stage, minlength=3) / len(stage))
     assert error == pytest.approx(100 * np.mean(out.argmax(-1) != labels))
     # Mean cost: every input pays stage 0, those passed on pay the next ones.
     reach = [1.0, 1 - fractions[0], fractions[2]]
-    assert cascading.mean_cost(stage, [10, 20, 30]) == pytest.approx(np.dot(reach, [10, 20, 30]))
+    assert early_exit.mean_cost(stage, [10, 20, 30]) == pytest.approx(np.dot(reach, [10, 20, 30]))
 
 
 @pytest.mark.parametrize('kwargs, message', [
@@ -103,20 +103,20 @@ def test_sweep_agrees_with_the_simulation_and_counts_costs():
 def test_a_bad_cascade_says_what_is_wrong(kwargs, message):
   spec = dict(depths=((1, 1, 1), (3, 3, 3)), thresholds=(0.5,), temperatures=(1.0, 1.0)) | kwargs
   with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(']', r'\]')):
-    cascading.Cascade(**spec)
+    early_exit.Cascade(**spec)
 
 
 def test_stage_plan_reuses_what_the_previous_stage_computed():
-  assert cascading.stage_plan('resnet20', [(1, 1, 1), (3, 3, 3)], 'recompute') == [(0, 0), (0, 0)]
+  assert early_exit.stage_plan('resnet20', [(1, 1, 1), (3, 3, 3)], 'recompute') == [(0, 0), (0, 0)]
   # 1-1-1 and 3-3-3 share the stem and stage 0's first block.
-  assert cascading.stage_plan('resnet20', [(1, 1, 1), (3, 3, 3)], 'reuse') == [(0, 3), (3, 0)]
+  assert early_exit.stage_plan('resnet20', [(1, 1, 1), (3, 3, 3)], 'reuse') == [(0, 3), (3, 0)]
   # 2-2-2 would take 4 modules from 2-2-1, which took 7 from the stage before: it did not
   # compute them itself, so 3-3-3 recomputes.
-  assert cascading.stage_plan('resnet20', [(2, 2, 1), (2, 2, 2), (3, 3, 3)], 'reuse') == [
+  assert early_exit.stage_plan('resnet20', [(2, 2, 1), (2, 2, 2), (3, 3, 3)], 'reuse') == [
       (0, 7), (7, 0), (0, 0)]
-  assert cascading.buckets(256) == (8, 16, 32, 64, 128, 256)
-  assert cascading.buckets(100) == (8, 16, 32, 64, 100)
-  assert cascading.buckets(1) == (1,) and cascading.buckets(8) == (8,)
+  assert early_exit.buckets(256) == (8, 16, 32, 64, 128, 256)
+  assert early_exit.buckets(100) == (8, 16, 32, 64, 100)
+  assert early_exit.buckets(1) == (1,) and early_exit.buckets(8) == (8,)
 
 
 # --- on a trained run ------------------------------------------------------------------------
@@ -183,21 +183,21 @@ def test_the_command_writes_candidates_front_and_the_choice(trained, built):
 
 def _test_images(run):
   return np.concatenate([b['image'][b['mask'] > 0]
-                         for b in inference.SplitCache(run, 'test', 500)])
+                         for b in trained_run.SplitCache(run, 'test', 500)])
 
 
-@pytest.mark.parametrize('trunk', cascading.TRUNKS)
+@pytest.mark.parametrize('trunk', early_exit.TRUNKS)
 def test_the_real_early_exit_routes_every_test_example_as_the_simulation(trained, built, trunk):
-  run = inference.load_run(str(trained))
-  cascade = cascading.Cascade(
+  run = trained_run.load_run(str(trained))
+  cascade = early_exit.Cascade(
       ((1, 1, 1), (2, 2, 2), (3, 3, 3)), (0.6, 0.8), (0.9, 1.1, 1.0), 'maxprob', trunk)
-  stats = {d: inference.stats_for(run, d, CALIB)[0] for d in cascade.depths}
+  stats = {d: bn_calibration.stats_for(run, d, CALIB)[0] for d in cascade.depths}
   tags = {d: 'own' for d in cascade.depths}
-  logits, labels = cascading.stage_logits_of_split(run, cascade.depths, trunk, 'test', stats,
-                                                   500, tags)
-  want_stage, want_logits = cascading.simulate(cascade, logits)
+  logits, labels = early_exit.stage_logits_of_split(run, cascade.depths, trunk, 'test', stats,
+                                                    500, tags)
+  want_stage, want_logits = early_exit.simulate(cascade, logits)
   assert 0 < (want_stage == 0).mean() < 1 and (want_stage == 2).any()  # Every stage used.
-  executor = cascading.Executor(run, cascade, stats, batch_size=64)
+  executor = early_exit.Executor(run, cascade, stats, batch_size=64)
   got_logits, got_stage = executor.logits(_test_images(run))
   assert len(got_stage) == len(labels) == SMALL_FASHION_MNIST['test']  # The whole test split.
   np.testing.assert_array_equal(got_stage, want_stage)
@@ -209,7 +209,7 @@ def test_the_real_early_exit_routes_every_test_example_as_the_simulation(trained
 
 def test_dynamic_model_and_predict_run_the_chosen_cascade(trained, built, tmp_path):
   chosen_path = str(trained / 'cascade' / 'chosen.json')
-  chosen = cascading.read_chosen(chosen_path)
+  chosen = early_exit.read_chosen(chosen_path)
   model = dynamic.DynamicModel.load(str(trained), list(chosen.depths), calib_examples=CALIB,
                                     batch_size=32)
   pixels = np.random.default_rng(0).uniform(0, 255, (40, 28, 28, 1)).astype(np.float32)
@@ -235,7 +235,7 @@ def test_dynamic_model_and_predict_run_the_chosen_cascade(trained, built, tmp_pa
 
 
 def test_export_cascade_runs_with_jax_and_numpy_only(trained, built, tmp_path):
-  run = inference.load_run(str(trained))
+  run = trained_run.load_run(str(trained))
   spec = {'depths': ['1-1-1', '2-2-2', '3-3-3'], 'thresholds': [0.6, 0.8],
           'temperatures': [0.9, 1.1, 1.0], 'score': 'margin', 'trunk': 'reuse'}
   (tmp_path / 'chosen.json').write_text(json.dumps(spec))
@@ -266,9 +266,9 @@ def test_export_cascade_runs_with_jax_and_numpy_only(trained, built, tmp_path):
   fresh = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
   assert fresh.returncode == 0, fresh.stderr[-3000:]
-  cascade = cascading.from_json(spec, run)
-  stats = {d: inference.stats_for(run, d, CALIB)[0] for d in cascade.depths}
-  want_logits, want_stage = cascading.Executor(run, cascade, stats, 64).predict(pixels)
+  cascade = early_exit.from_json(spec, run)
+  stats = {d: bn_calibration.stats_for(run, d, CALIB)[0] for d in cascade.depths}
+  want_logits, want_stage = early_exit.Executor(run, cascade, stats, 64).predict(pixels)
   np.testing.assert_array_equal(np.load(tmp_path / 'stage.npy'), want_stage)
   np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'), want_logits, atol=1e-4)
 
@@ -320,14 +320,16 @@ def test_bad_cascade_flags_are_one_line_and_write_nothing(trained, tmp_path):
 def test_a_front_of_the_full_net_alone_is_one_line_before_the_cascades(trained, monkeypatch):
   """With no smaller depth on the validation front no chain is left: a UsageError (one
   line, exit 2) before latencies and cascades are measured, never a traceback."""
-  from ddnn_jax import cascade, cli, deploy, inference  # pylint: disable=g-import-not-at-top
-  real_front = deploy.pareto_front
-  monkeypatch.setattr(deploy, 'pareto_front',
+  from ddnn_jax import cascade  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.core import errors  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.deploy import evaluation, latency  # pylint: disable=g-import-not-at-top
+  real_front = evaluation.pareto_front
+  monkeypatch.setattr(evaluation, 'pareto_front',
                       lambda points: [max(range(len(points)), key=lambda i: points[i][0])])
   measured = []
-  monkeypatch.setattr(inference.LatencyTable, 'measure',
+  monkeypatch.setattr(latency.LatencyTable, 'measure',
                       lambda *a, **k: measured.append(a) or 1.0)
-  with pytest.raises(cli.UsageError, match='no cascade is left: the validation front of .* '
+  with pytest.raises(errors.UsageError, match='no cascade is left: the validation front of .* '
                      'keeps only the full net 3-3-3'):
     cascade.main(['--workdir', str(trained), '--calib_examples', str(CALIB)])
   assert not measured

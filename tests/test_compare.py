@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from ddnn_jax import cli, compare, paper, stats
+from ddnn_jax import compare, paper, stats
+from ddnn_jax.core import errors
 
 FLOPS = {'3-3-3': 7_700_000, '2-2-2': 5_000_000, '1-1-1': 2_300_000}
 PARAMS = {'3-3-3': 67_906, '2-2-2': 43_490, '1-1-1': 19_074}
@@ -18,7 +19,7 @@ PARAMS = {'3-3-3': 67_906, '2-2-2': 43_490, '1-1-1': 19_074}
 T_TABLE = {1: 12.706205, 2: 4.302653, 4: 2.776445}
 
 
-def make_run(root, name, mode, seed, errors, arch='resnet20', dataset='fashion_mnist',
+def make_run(root, name, mode, seed, test_errors, arch='resnet20', dataset='fashion_mnist',
              epochs=3, val_errors=None, noise_ranking=None):
   """A finished workdir as python -m ddnn_jax.main leaves it: config.json, results.csv."""
   workdir = root / name
@@ -32,7 +33,7 @@ def make_run(root, name, mode, seed, errors, arch='resnet20', dataset='fashion_m
     writer = csv.DictWriter(f, fieldnames=['name', 'depth', 'params', 'flops', 'top1_error',
                                            'val_top1_error'])
     writer.writeheader()
-    for depth, error in errors.items():
+    for depth, error in test_errors.items():
       key = depth.strip('[]').replace(',', '-')
       writer.writerow({'name': 'x', 'depth': depth, 'params': PARAMS.get(key, 1),
                        'flops': FLOPS.get(key, 1), 'top1_error': error,
@@ -194,17 +195,17 @@ def test_validation_split(tmp_path):
   compare.main([*made, '--out', str(out), '--split', 'validation'])
   assert '| 7.50 ± 0.71 |' in (out / 'comparison.md').read_text()
   old = make_run(tmp_path, 'old', 'ddnn', 0, {'3-3-3': 8.0})
-  with pytest.raises(cli.UsageError, match='has no validation errors'):
+  with pytest.raises(errors.UsageError, match='has no validation errors'):
     compare.main([old, '--out', str(tmp_path / 'x'), '--split', 'validation'])
 
 
 def test_runs_of_another_net_dataset_or_budget_are_refused(runs, tmp_path):
   other = make_run(tmp_path, 'cifar', 'ekd', 5, {'3-3-3': 9.0}, dataset='cifar10')
-  with pytest.raises(cli.UsageError, match="trained dataset='cifar10' but .* "
+  with pytest.raises(errors.UsageError, match="trained dataset='cifar10' but .* "
                      "dataset='fashion_mnist': only runs of one dataset, full net and"):
     compare.main([*runs, other, '--out', str(tmp_path / 'report')])
   longer = make_run(tmp_path, 'longer', 'ekd', 5, {'3-3-3': 9.0}, epochs=6)
-  with pytest.raises(cli.UsageError, match='trained num_epochs=6 but'):
+  with pytest.raises(errors.UsageError, match='trained num_epochs=6 but'):
     compare.main([*runs, longer, '--out', str(tmp_path / 'report')])
   assert not (tmp_path / 'report').exists()
 
@@ -217,7 +218,7 @@ def test_runs_of_another_net_dataset_or_budget_are_refused(runs, tmp_path):
     (['--paper', 'cifar10:r21'], 'no paper group cifar10:r21'),
 ])
 def test_bad_flags(runs, tmp_path, flags, message):
-  with pytest.raises(cli.UsageError, match=message):
+  with pytest.raises(errors.UsageError, match=message):
     compare.main([*runs, '--out', str(tmp_path / 'report'), *flags])
   assert not (tmp_path / 'report').exists()
 
@@ -226,8 +227,8 @@ def test_unfinished_or_repeated_runs_are_refused(runs, tmp_path):
   unfinished = tmp_path / 'unfinished'
   unfinished.mkdir()
   (unfinished / 'config.json').write_text('{}')
-  with pytest.raises(cli.UsageError, match='has no results.csv: the run has not finished'):
+  with pytest.raises(errors.UsageError, match='has no results.csv: the run has not finished'):
     compare.main([runs[0], str(unfinished)])
   twin = make_run(tmp_path, 'twin', 'ekd', 0, {'3-3-3': 1.0})
-  with pytest.raises(cli.UsageError, match='two runs of mode ekd with seed 0'):
+  with pytest.raises(errors.UsageError, match='two runs of mode ekd with seed 0'):
     compare.main([runs[0], twin])

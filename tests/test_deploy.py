@@ -20,9 +20,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddnn_jax import deploy, dynamic, inference, search
 from ddnn_jax.core import errors
 from ddnn_jax.data import pipeline
+from ddnn_jax.deploy import bn_calibration, depth_search, dynamic, evaluation, latency, trained_run
 from ddnn_jax.nn import notation
 from ddnn_jax.training import config_lib, optim, trainer
 from fakes import write_fake_cifar
@@ -47,7 +47,7 @@ def trained(tmp_path_factory, fashion_mnist_dir):
 
 @pytest.fixture(scope='module')
 def run(trained):
-  return inference.load_run(str(trained))
+  return trained_run.load_run(str(trained))
 
 
 def tool(name, *args):
@@ -59,16 +59,16 @@ def test_every_depth_configuration_is_a_candidate(run):
   assert len(depths) == 27 and len(set(depths)) == 27
   assert depths[0] == (3, 3, 3) and depths[-1] == (1, 1, 1)
   assert set(run.trained_depths) == {(3, 3, 3), (2, 2, 2), (1, 1, 1)}
-  assert len(inference.enumerate_depths((9, 9, 9))) == 729
-  assert len(inference.enumerate_depths((3, 4, 6, 3))) == 216
+  assert len(trained_run.enumerate_depths((9, 9, 9))) == 729
+  assert len(trained_run.enumerate_depths((3, 4, 6, 3))) == 216
 
 
 def test_recalibration_changes_only_batch_norm_statistics(run):
   depth = (2, 1, 3)
   params_before = jax.tree.map(np.copy, run.params)
-  batches = inference.calibration_batches(run, CALIB, batch_size=128)  # 4 batches.
+  batches = bn_calibration.calibration_batches(run, CALIB, batch_size=128)  # 4 batches.
   assert [int(b['mask'].sum()) for b in batches] == [128, 128, 128, 116]  # The rest is padding.
-  stats = inference.recalibrate(run, depth, batches)
+  stats = bn_calibration.recalibrate(run, depth, batches)
   chex.assert_trees_all_equal(run.params, params_before)  # Parameters untouched.
   # Statistics of exactly the depth's BatchNorms, in the layout of its 'batch_stats'.
   shapes = jax.eval_shape(lambda x: run.model.init(jax.random.key(0), x, depth=depth,
@@ -97,13 +97,13 @@ def test_recalibration_changes_only_batch_norm_statistics(run):
 
 
 def test_recalibrated_bn_beats_the_full_nets_statistics(run):
-  validation = inference.SplitCache(run, 'validation', 250)
-  calibration = inference.calibration_batches(run, CALIB)
+  validation = trained_run.SplitCache(run, 'validation', 250)
+  calibration = bn_calibration.calibration_batches(run, CALIB)
   gains = []
   for depth in [(1, 3, 3), (2, 1, 3), (3, 1, 1)]:
-    recalibrated = inference.recalibrate(run, depth, calibration)
-    gains.append(inference.accuracy(run, depth, recalibrated, validation) -
-                 inference.accuracy(run, depth, run.full_net_stats(depth), validation))
+    recalibrated = bn_calibration.recalibrate(run, depth, calibration)
+    gains.append(trained_run.accuracy(run, depth, recalibrated, validation) -
+                 trained_run.accuracy(run, depth, run.full_net_stats(depth), validation))
   assert np.mean(gains) > 0, gains
 
 
@@ -125,10 +125,10 @@ def test_evaluate_writes_the_table_and_latencies(trained, evaluated):
     assert 0 < float(r['top1_error']) < 50, r  # Chance is 90%.
     assert int(r['params']) > 0 and int(r['flops']) > 0
   assert rows[2]['top1_error_full_net_bn'] and not rows[0]['top1_error_full_net_bn']
-  latency = json.loads((trained / 'latency.json').read_text())
-  assert list(latency) == [inference.backend_key()]
-  assert set(latency['cpu']) >= {'3-3-3', '2-2-2', '2-1-3', '1-1-1'}
-  for row in latency['cpu'].values():
+  measured = json.loads((trained / 'latency.json').read_text())
+  assert list(measured) == [latency.backend_key()]
+  assert set(measured['cpu']) >= {'3-3-3', '2-2-2', '2-1-3', '1-1-1'}
+  for row in measured['cpu'].values():
     assert row['batch_1_ms'] > 0 and row['batch_64_ms'] > row['batch_1_ms']
   assert '| 2-1-3 | - | 6 |' in result.stdout
   assert (trained / 'evaluation' / 'validation.png').stat().st_size > 1000
@@ -168,18 +168,18 @@ def test_search_front_is_a_true_front_and_progressive_finds_it(trained, run):
   assert best and best[0].startswith(f'best <= 5M FLOPs: {want["depth"]} with '), best
 
   # The progressive search on the same space, from the same measurements.
-  measured = {deploy.row_depth(r): (float(r['top1_error']), float(r['flops'])) for r in rows}
-  exhaustive_front = {deploy.row_depth(rows[i]) for i in deploy.pareto_front(
-      [(s[1], s[0]) for s in map(measured.get, map(deploy.row_depth, rows))])}
+  measured = {evaluation.row_depth(r): (float(r['top1_error']), float(r['flops'])) for r in rows}
+  exhaustive_front = {evaluation.row_depth(rows[i]) for i in evaluation.pareto_front(
+      [(s[1], s[0]) for s in map(measured.get, map(evaluation.row_depth, rows))])}
   # Beam 2 (the CLI default is 4): fewer evaluations than exhaustive, >= 80% of its front.
   # Beam 1 is plain greedy and cheaper still; it may miss front points (2 of 7 once here).
-  found = {beam: search.progressive_search(
+  found = {beam: depth_search.progressive_search(
       run.full_depth, lambda depths: {d: measured[d] for d in depths}, beam) for beam in (1, 2)}
   assert len(found[1]) < len(found[2]) < 27, {beam: len(f) for beam, f in found.items()}
   found = found[2]
   depths = list(found)
   points = [(found[d][1], found[d][0]) for d in depths]
-  front = {depths[i] for i in deploy.pareto_front(points)}
+  front = {depths[i] for i in evaluation.pareto_front(points)}
   assert len(front & exhaustive_front) >= 0.8 * len(exhaustive_front), (front, exhaustive_front)
 
 
@@ -233,8 +233,8 @@ def test_export_runs_in_a_fresh_process_with_only_its_stated_requirements(traine
                            timeout=300, cwd=tmp_path)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     d = run.resolve(depth)
-    stats, _ = inference.stats_for(run, d, CALIB)
-    want = np.asarray(inference.logits_fn(run.model, d)(
+    stats, _ = bn_calibration.stats_for(run, d, CALIB)
+    want = np.asarray(trained_run.logits_fn(run.model, d)(
         run.used_params(d), stats, pipeline.normalize(pixels, run.spec)))
     for b in (1, 7):
       got = np.load(out / f'logits{b}.npy')
@@ -275,7 +275,7 @@ def test_predict_classifies_fashion_mnist_pngs(trained, evaluated, fashion_mnist
     Image.fromarray(example['image'][..., 0]).save(path)
     paths.append(str(path))
     labels.append(int(example['label']))
-  names = inference.load_run(str(trained)).class_names()
+  names = trained_run.load_run(str(trained)).class_names()
   result = tool('predict', '--workdir', trained, '--images', *paths, '--out',
                 tmp_path / 'predictions.csv')
   assert result.returncode == 0, result.stderr[-3000:]
@@ -388,7 +388,7 @@ def test_every_written_depth_round_trips_through_every_depth_flag(trained, run, 
   for text, source in sorted(found):
     depth = notation.parse_depth(text)
     assert notation.format_depth(depth) == text, (text, source)  # One notation everywhere.
-    assert deploy.parse_depths(run, text) == [depth]  # evaluate --depths, DynamicModel.load.
+    assert evaluation.parse_depths(run, text) == [depth]  # evaluate --depths, DynamicModel.load.
     assert run.resolve(text) == depth  # export --depth, predict --depth.
   # What export and predict write reads back the same way.
   exported = tool('export', '--workdir', trained, '--depth', '[2, 1, 3]', '--out', tmp_path / 'e',

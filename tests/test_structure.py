@@ -37,5 +37,5 @@ def test_no_module_imports_a_command_line_module():
 
 def test_the_reader_can_fail():
   # _imports sees the forms the package uses (the check above is not vacuous).
-  assert {'deploy', 'inference'} <= _imports(PACKAGE / 'evaluate.py')
+  assert {'deploy', 'cli'} <= _imports(PACKAGE / 'evaluate.py')
   assert 'cli' in _imports(PACKAGE / 'study.py')

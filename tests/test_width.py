@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import search
+from ddnn_jax.deploy import depth_search
 from ddnn_jax.nn import architectures, flops, layers, models, notation
 from ddnn_jax.training import config_lib, steps
 from jobs import assert_one_line_error, run_main, run_module
@@ -186,9 +186,9 @@ def test_config_rules_for_widths():
 
 
 def test_search_walks_both_axes():
-  assert search.children((2, 1, 3), (0.5, 1.0)) == [(1, 1, 3), (2, 1, 2), S((2, 1, 3), 0.5)]
-  assert search.children(S((2, 1, 1), 0.5), (0.5, 1.0)) == [S((1, 1, 1), 0.5)]
-  assert search.children((1, 1, 1)) == []
+  assert depth_search.children((2, 1, 3), (0.5, 1.0)) == [(1, 1, 3), (2, 1, 2), S((2, 1, 3), 0.5)]
+  assert depth_search.children(S((2, 1, 1), 0.5), (0.5, 1.0)) == [S((1, 1, 1), 0.5)]
+  assert depth_search.children((1, 1, 1)) == []
 
 
 @pytest.mark.slow

@@ -1,23 +1,23 @@
-"""What the deploy commands share: flags, depth lists, evaluation rows and files, fronts.
+"""What the deploy commands share: depth lists, evaluation rows and files, Pareto fronts.
 
 ``python -m ddnn_jax.evaluate``, ``search``, ``export``, ``predict``, the cascade and
-``DynamicModel`` import this library (and ``inference``), never each other. It reads and
-writes a run's deploy files: ``W/evaluation/<split>.{csv,md,png}`` (one row per evaluated
-depth and step) and, through ``inference``, ``W/latency.json`` and ``W/bn_calibration/``.
+``DynamicModel`` use this library (and ``trained_run``), never each other; their shared
+flags are in ``ddnn_jax.cli``. It reads and writes a run's deploy files:
+``W/evaluation/<split>.{csv,md,png}`` (one row per evaluated depth and step) and, through
+``latency`` and ``bn_calibration``, ``W/latency.json`` and ``W/bn_calibration/``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from etils import epath
 
-from ddnn_jax import cli, inference
 from ddnn_jax.core import errors, file_io
+from ddnn_jax.deploy import bn_calibration, latency, trained_run
 from ddnn_jax.nn import architectures, flops, notation
 
 EVALUATION_DIR = 'evaluation'
@@ -25,31 +25,7 @@ FIELDS = ('step', 'depth', 'name', 'blocks', 'params', 'flops', 'latency_ms_batc
           'latency_ms_batch_n', 'latency_batch', 'top1_error', 'bn', 'top1_error_full_net_bn')
 
 
-def add_run_flags(parser: cli.ArgumentParser) -> None:
-  parser.add_argument('--workdir', required=True, help='the --workdir of a training run')
-  parser.add_argument('--step', default='latest', type=parse_step,
-                      help="checkpoint: 'latest' (default), 'best' or a step number")
-
-
-def add_measure_flags(parser: cli.ArgumentParser) -> None:
-  parser.add_argument('--calib_examples', type=cli.positive_int,
-                      default=inference.DEFAULT_CALIB_EXAMPLES,
-                      help='training images for BN recalibration of untrained depths')
-  parser.add_argument('--batch_size', type=cli.positive_int, default=64,
-                      help='batch of the accuracy pass and of the larger latency (also at 1)')
-  parser.add_argument('--latency_repeats', type=cli.positive_int, default=20,
-                      help='timed calls per latency (their median; after warm-up)')
-
-
-def parse_step(text: str) -> str | int:
-  if text in ('latest', 'best'):
-    return text
-  if text.isdigit():
-    return int(text)
-  raise argparse.ArgumentTypeError(f"'latest', 'best' or a step number, not {text!r}")
-
-
-def parse_depths(run: inference.TrainedRun, text: str) -> list[notation.Depth]:
+def parse_depths(run: trained_run.TrainedRun, text: str) -> list[notation.Depth]:
   """Comma-separated depths (names or n-n-n) and the words 'all' (every configuration)
   and 'trained', checked against the net; each depth once, in the order given."""
   depths = []
@@ -69,7 +45,7 @@ def parse_depths(run: inference.TrainedRun, text: str) -> list[notation.Depth]:
   return list(dict.fromkeys(depths))
 
 
-def check_split(run: inference.TrainedRun, split: str) -> None:
+def check_split(run: trained_run.TrainedRun, split: str) -> None:
   if split == 'validation' and not run.config.data.validation_examples:
     raise errors.UsageError(
         f'{run.workdir} held out no validation examples (data.validation_examples=0): its '
@@ -105,19 +81,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
   return front
 
 
-def parse_flops(text: str) -> float:
-  """argparse type: '20M', '1.5G', '800K' or a plain number of multiply-adds."""
-  scale = {'K': 1e3, 'M': 1e6, 'G': 1e9}.get(text[-1:].upper(), 1)
-  try:
-    value = float(text[:-1] if scale != 1 else text) * scale
-  except ValueError:
-    value = math.nan
-  if not 0 < value < math.inf:
-    raise cli.ArgumentTypeError(f"a number of multiply-adds like 20M or 1.5G, not {text!r}")
-  return value
-
-
-def measured(run: inference.TrainedRun
+def measured(run: trained_run.TrainedRun
              ) -> tuple[dict[notation.Depth, float], dict[notation.Depth, float]]:
   """({depth: evaluated top-1 error (%)}, {depth: batch-1 latency (ms) on this backend}).
 
@@ -129,7 +93,7 @@ def measured(run: inference.TrainedRun
     for row in read_rows(run.workdir, split):
       if int(row['step']) == run.step:
         errors_by_depth[row_depth(row)] = float(row['top1_error'])
-  table = inference.LatencyTable(run.workdir)
+  table = latency.LatencyTable(run.workdir)
   latencies = {d: table.get(d, 1) for d in errors_by_depth if table.get(d, 1) is not None}
   return errors_by_depth, latencies
 
@@ -143,29 +107,31 @@ def read_rows(workdir: str, split: str) -> list[dict[str, str]]:
   return file_io.read_csv(str(evaluation_path(workdir, split)))
 
 
-def evaluate_depths(run: inference.TrainedRun, depths: Sequence[notation.Depth], split: str,
+def evaluate_depths(run: trained_run.TrainedRun, depths: Sequence[notation.Depth], split: str,
                     calib_examples: int, batch_size: int, latency_repeats: int,
                     full_net_bn: bool = False, bar: Any = None,
-                    split_batches: inference.SplitCache | None = None) -> list[dict[str, Any]]:
+                    split_batches: trained_run.SplitCache | None = None,
+                    progress: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
   """One result row per depth (the columns of ``FIELDS``); latencies go to latency.json.
 
   ``batch_size`` is the batch of the accuracy pass and of the second latency (the first
   is at batch 1), so each depth compiles twice for inference, once for recalibration.
-  ``bar``: a progress bar to advance per depth (default: one of its own).
+  ``bar``: a progress bar to advance per depth; else ``progress(None, description,
+  total=, unit=)`` makes one of its own (the commands pass ``cli.progress``), or none.
   """
   check_split(run, split)
-  inference.require_data(run, f'evaluating on the {split} split')  # Before the progress bar.
-  split_batches = split_batches or inference.SplitCache(run, split, batch_size)
+  trained_run.require_data(run, f'evaluating on the {split} split')  # Before the progress bar.
+  split_batches = split_batches or trained_run.SplitCache(run, split, batch_size)
   calibration = None
-  latencies = inference.LatencyTable(run.workdir)
+  latencies = latency.LatencyTable(run.workdir)
   rows = []
-  own_bar = bar is None
+  own_bar = bar is None and progress is not None
   if own_bar:
-    bar = cli.progress(None, f'evaluating on {split}', total=len(depths), unit='depth')
+    bar = progress(None, f'evaluating on {split}', total=len(depths), unit='depth')
   for depth in depths:
     if not run.is_trained(depth) and calibration is None:
-      calibration = inference.calibration_batches(run, calib_examples)
-    stats, recalibrated = inference.stats_for(run, depth, calib_examples, calibration)
+      calibration = bn_calibration.calibration_batches(run, calib_examples)
+    stats, recalibrated = bn_calibration.stats_for(run, depth, calib_examples, calibration)
     size = flops.profile_subnet(run.model, run.image_shape, depth)
     row = {
         'step': run.step, 'depth': notation.format_depth(depth),
@@ -174,17 +140,18 @@ def evaluate_depths(run: inference.TrainedRun, depths: Sequence[notation.Depth],
         'latency_ms_batch_1': latencies.measure(run, depth, stats, 1, latency_repeats),
         'latency_ms_batch_n': latencies.measure(run, depth, stats, batch_size, latency_repeats),
         'latency_batch': batch_size,
-        'top1_error': 100 * (1 - inference.accuracy(run, depth, stats, split_batches)),
+        'top1_error': 100 * (1 - trained_run.accuracy(run, depth, stats, split_batches)),
         'bn': 'recalibrated' if recalibrated else 'own',
         'top1_error_full_net_bn': '',
     }
     full_stats = run.full_net_stats(depth) if full_net_bn and recalibrated else None
     if full_stats is not None:
       # The alternative to recalibrating: the full net's statistics of the same modules.
-      row['top1_error_full_net_bn'] = 100 * (1 - inference.accuracy(run, depth, full_stats,
-                                                                    split_batches))
+      row['top1_error_full_net_bn'] = 100 * (1 - trained_run.accuracy(run, depth, full_stats,
+                                                                      split_batches))
     rows.append(row)
-    bar.update(1)
+    if bar is not None:
+      bar.update(1)
   if own_bar:
     bar.close()
   latencies.save()
@@ -247,12 +214,12 @@ def _plot(rows: Sequence[dict[str, Any]], title: str) -> bytes:
   return file_io.figure_png(fig, canvas)
 
 
-def write_evaluation(run: inference.TrainedRun, split: str, rows: Sequence[dict[str, Any]],
+def write_evaluation(run: trained_run.TrainedRun, split: str, rows: Sequence[dict[str, Any]],
                      latency_batch: int) -> dict[str, epath.Path]:
   paths = {kind: evaluation_path(run.workdir, split, kind) for kind in ('csv', 'md', 'png')}
   paths['csv'].parent.mkdir(parents=True, exist_ok=True)
   title = (f'{run.config.model.arch} on {run.config.data.dataset} ({split}), step {run.step}, '
-           f'{inference.backend_key()}')
+           f'{latency.backend_key()}')
   file_io.atomic_write(str(paths['csv']), file_io.csv_text(rows, FIELDS).encode())
   file_io.atomic_write(str(paths['md']), (f'# {title}\n\n' +
                                           format_table(rows, latency_batch)).encode())

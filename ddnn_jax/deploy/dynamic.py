@@ -11,7 +11,7 @@ the one parameter tree and its own BatchNorm statistics; switching depth picks a
 compiled function and never recompiles or reloads (a second trace of a depth raises).
 ``latency_ms`` picks the most accurate depth, by the accuracy ``ddnn_jax.evaluate``
 measured, whose measured batch-1 latency on this backend fits. ``cascade`` runs a
-confidence cascade for real (``cascading.Executor``): each image stops at the first depth
+confidence cascade for real (``early_exit.Executor``): each image stops at the first depth
 confident enough.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddnn_jax import cascading, deploy, inference
 from ddnn_jax.core import errors
+from ddnn_jax.deploy import bn_calibration, early_exit, evaluation, latency, trained_run
 from ddnn_jax.nn import notation
 from ddnn_jax.training import steps
 
@@ -44,7 +44,7 @@ class Prediction:
     return [[(int(c), float(p[c])) for c in row] for row, p in zip(order, self.probabilities)]
 
 
-def choose(run: inference.TrainedRun, depths: Sequence[notation.Depth],
+def choose(run: trained_run.TrainedRun, depths: Sequence[notation.Depth],
            error_rates: dict[notation.Depth, float], latencies: dict[notation.Depth, float],
            latency_ms: float) -> notation.Depth:
   """The most accurate of ``depths`` whose batch-1 latency is within ``latency_ms``."""
@@ -52,23 +52,23 @@ def choose(run: inference.TrainedRun, depths: Sequence[notation.Depth],
   if not known:
     raise errors.UsageError(
         f'no depth of {run.workdir} has both an evaluated accuracy and a measured latency on '
-        f'{inference.backend_key()}: run python -m ddnn_jax.evaluate on it first')
+        f'{latency.backend_key()}: run python -m ddnn_jax.evaluate on it first')
   fitting = [d for d in known if latencies[d] <= latency_ms]
   if not fitting:
     fastest = min(known, key=latencies.get)
     raise errors.UsageError(
         f'no depth runs within {latency_ms:g} ms: the fastest, {notation.format_depth(fastest)}, '
-        f'takes {latencies[fastest]:.2f} ms at batch 1 on {inference.backend_key()}')
+        f'takes {latencies[fastest]:.2f} ms at batch 1 on {latency.backend_key()}')
   return min(fitting, key=lambda d: (error_rates[d], latencies[d]))
 
 
 class DynamicModel:
   """A trained run's depths, each ready to run, over one parameter tree."""
 
-  def __init__(self, run: inference.TrainedRun, depths: Sequence[notation.Depth],
+  def __init__(self, run: trained_run.TrainedRun, depths: Sequence[notation.Depth],
                batch_stats: dict[notation.Depth, Any], error_rates: dict[notation.Depth, float],
                latencies: dict[notation.Depth, float], batch_size: int,
-               calib_examples: int = inference.DEFAULT_CALIB_EXAMPLES):
+               calib_examples: int = bn_calibration.DEFAULT_CALIB_EXAMPLES):
     self.run = run
     self.depths = tuple(depths)
     self.batch_size = batch_size
@@ -83,7 +83,7 @@ class DynamicModel:
             run.model.apply, params, stats, images, d),
         1, f'depth {notation.format_depth(d)}') for d in self.depths}
     self._apply = {d: jax.jit(guard) for d, guard in self._guards.items()}
-    self._executors: dict[cascading.Cascade, cascading.Executor] = {}
+    self._executors: dict[early_exit.Cascade, early_exit.Executor] = {}
     self._calib_examples = calib_examples
 
   @property
@@ -94,7 +94,7 @@ class DynamicModel:
   @classmethod
   def load(cls, workdir: str, depths: str | Sequence[notation.DepthSpec] = 'trained',
            step: str | int = 'latest', batch_size: int = 1,
-           calib_examples: int = inference.DEFAULT_CALIB_EXAMPLES) -> DynamicModel:
+           calib_examples: int = bn_calibration.DEFAULT_CALIB_EXAMPLES) -> DynamicModel:
     """Loads ``workdir``'s checkpoint (``step``) with ``depths``: 'trained', 'all',
     'evaluated' (those with an accuracy and a latency, for ``latency_ms``) or a list of
     depths (names or block counts); untrained ones get recalibrated BN statistics.
@@ -103,19 +103,19 @@ class DynamicModel:
     each depth compiles once. Accuracies come from ``evaluate`` results of this step
     (validation split first); latencies from ``workdir/latency.json`` on this backend.
     """
-    run = inference.load_run(workdir, step)
-    error_rates, latencies = deploy.measured(run)
+    run = trained_run.load_run(workdir, step)
+    error_rates, latencies = evaluation.measured(run)
     if depths == 'evaluated':
       chosen = [d for d in run.all_depths() if d in error_rates and d in latencies]
     elif isinstance(depths, str):
-      chosen = deploy.parse_depths(run, depths)
+      chosen = evaluation.parse_depths(run, depths)
     else:
       chosen = list(dict.fromkeys(run.resolve(d) for d in depths))
     if not chosen:
       raise errors.UsageError(f'no depths to load from {workdir}' + (
           ': none has an evaluated accuracy and latency (run python -m ddnn_jax.evaluate)'
           if depths == 'evaluated' else ''))
-    stats = {d: inference.stats_for(run, d, calib_examples)[0] for d in chosen}
+    stats = {d: bn_calibration.stats_for(run, d, calib_examples)[0] for d in chosen}
     return cls(run, chosen, stats, {d: error_rates[d] for d in chosen if d in error_rates},
                {d: latencies[d] for d in chosen if d in latencies}, batch_size, calib_examples)
 
@@ -143,22 +143,22 @@ class DynamicModel:
            for i in range(0, padded, self.batch_size)]
     return np.concatenate(out)[:n]
 
-  def cascade_executor(self, cascade: str | dict | cascading.Cascade) -> cascading.Executor:
+  def cascade_executor(self, cascade: str | dict | early_exit.Cascade) -> early_exit.Executor:
     """The real early exit of a cascade (a ``chosen.json`` path, its dict, or a Cascade)
     over this model's parameter tree, compiled once and kept."""
     if isinstance(cascade, str):
-      cascade = cascading.read_chosen(cascade, self.run)
+      cascade = early_exit.read_chosen(cascade, self.run)
     elif isinstance(cascade, dict):
-      cascade = cascading.from_json(cascade, self.run)
+      cascade = early_exit.from_json(cascade, self.run)
     if cascade not in self._executors:
-      stats = {d: inference.stats_for(self.run, d, self._calib_examples)[0]
+      stats = {d: bn_calibration.stats_for(self.run, d, self._calib_examples)[0]
                for d in cascade.depths}
-      self._executors[cascade] = cascading.Executor(self.run, cascade, stats, self.batch_size)
+      self._executors[cascade] = early_exit.Executor(self.run, cascade, stats, self.batch_size)
     return self._executors[cascade]
 
   def predict(self, pixels: np.ndarray, depth: notation.DepthSpec | None = None,
               latency_ms: float | None = None,
-              cascade: str | dict | cascading.Cascade | None = None) -> Prediction:
+              cascade: str | dict | early_exit.Cascade | None = None) -> Prediction:
     """Class probabilities from ``depth``, from the best depth within ``latency_ms``, or
     per input from a ``cascade`` (default: the full net if loaded, else the deepest)."""
     if sum(x is not None for x in (depth, latency_ms, cascade)) > 1:
@@ -171,7 +171,7 @@ class DynamicModel:
                          f', got {list(pixels.shape)}')
       logits, stage = executor.predict(pixels)
       temps = np.asarray(executor.cascade.temperatures)[stage][:, None]
-      return Prediction(cascading.softmax(logits / temps), None,
+      return Prediction(early_exit.softmax(logits / temps), None,
                         tuple(executor.cascade.depths[k] for k in stage))
     if latency_ms is not None:
       depth = self.choose(latency_ms)

@@ -34,8 +34,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from ddnn_jax import inference
 from ddnn_jax.core import errors
+from ddnn_jax.deploy import trained_run
 from ddnn_jax.nn import architectures, flops, models, notation
 
 SCORES = ('maxprob', 'margin', 'entropy')
@@ -211,7 +211,7 @@ def sweep(stage_logits: Sequence[np.ndarray], labels: np.ndarray,
 # --- logits of every depth and stage, cached per checkpoint -----------------------------------
 
 
-def cache_path(run: inference.TrainedRun, split: str, name: str) -> epath.Path:
+def cache_path(run: trained_run.TrainedRun, split: str, name: str) -> epath.Path:
   return epath.Path(run.workdir) / CASCADE_DIR / 'logits' / str(run.step) / split / f'{name}.npz'
 
 
@@ -219,7 +219,7 @@ class StageApply:
   """Jitted inference of one stage: (params, stats, images or the previous stage's output)
   -> (logits, this stage's output of the modules the next stage reuses)."""
 
-  def __init__(self, run: inference.TrainedRun, depth: notation.Depth, resume_at: int,
+  def __init__(self, run: trained_run.TrainedRun, depth: notation.Depth, resume_at: int,
                capture_at: int, max_traces: int):
     self.depth = depth
     self.resume_at, self.capture_at = resume_at, capture_at
@@ -255,7 +255,7 @@ def stage_plan(arch: str, depths: Sequence[notation.Depth], trunk: str
   return list(zip(resume, capture))
 
 
-def stage_logits_of_split(run: inference.TrainedRun, depths: Sequence[notation.Depth],
+def stage_logits_of_split(run: trained_run.TrainedRun, depths: Sequence[notation.Depth],
                           trunk: str, split: str, stats: Mapping[notation.Depth, Any],
                           batch_size: int, tags: Mapping[notation.Depth, str]
                           ) -> tuple[list[np.ndarray], np.ndarray]:
@@ -283,7 +283,7 @@ def stage_logits_of_split(run: inference.TrainedRun, depths: Sequence[notation.D
   dstats = [jax.device_put(stats[d]) for d in depths]
   outputs: list[list[np.ndarray]] = [[] for _ in depths]
   labels, masks = [], []
-  for batch in inference.SplitCache(run, split, batch_size):
+  for batch in trained_run.SplitCache(run, split, batch_size):
     x = batch['image']
     for k in range(len(depths)):
       logits, captured = applies[k](params[k], dstats[k], x)
@@ -303,7 +303,7 @@ def stage_logits_of_split(run: inference.TrainedRun, depths: Sequence[notation.D
 _STAGES: dict[tuple[Any, ...], StageApply] = {}
 
 
-def cached_stage(run: inference.TrainedRun, depth: notation.Depth, resume_at: int,
+def cached_stage(run: trained_run.TrainedRun, depth: notation.Depth, resume_at: int,
                   capture_at: int) -> StageApply:
   """One compiled stage per run, depth and plan, shared by every split and cascade (the
   logits passes use one batch size: the last batch is padded)."""
@@ -335,7 +335,7 @@ def _write_cache(path: epath.Path, logits: np.ndarray, labels: np.ndarray, tag: 
 # --- the chosen cascade: a file, and its real early exit -------------------------------------
 
 
-def to_json(cascade: Cascade, run: inference.TrainedRun, **extra: Any) -> dict[str, Any]:
+def to_json(cascade: Cascade, run: trained_run.TrainedRun, **extra: Any) -> dict[str, Any]:
   return {'arch': run.config.model.arch, 'dataset': run.config.data.dataset,
           'workdir': os.path.abspath(run.workdir), 'step': run.step,
           'depths': [notation.format_depth(d) for d in cascade.depths],
@@ -343,7 +343,7 @@ def to_json(cascade: Cascade, run: inference.TrainedRun, **extra: Any) -> dict[s
           'score': cascade.score, 'trunk': cascade.trunk, **extra}
 
 
-def read_chosen(path: str, run: inference.TrainedRun | None = None,
+def read_chosen(path: str, run: trained_run.TrainedRun | None = None,
                 arch: str | None = None) -> Cascade:
   """A ``chosen.json`` (``python -m ddnn_jax.cascade``), checked against ``run``'s net (or
   only against the full net ``arch``); one UsageError line for whatever is wrong with it."""
@@ -357,7 +357,7 @@ def read_chosen(path: str, run: inference.TrainedRun | None = None,
   return from_json(data, run, where=path, arch=arch)
 
 
-def from_json(data: Any, run: inference.TrainedRun | None = None, where: str = 'cascade',
+def from_json(data: Any, run: trained_run.TrainedRun | None = None, where: str = 'cascade',
               arch: str | None = None) -> Cascade:
   if not isinstance(data, dict):
     raise errors.UsageError(f'{where}: not a cascade (a JSON object with depths, thresholds, '
@@ -395,7 +395,7 @@ class Executor:
   gathered and padded to a bucket size (each stage compiles once per bucket, whatever
   the batch's composition)."""
 
-  def __init__(self, run: inference.TrainedRun, cascade: Cascade,
+  def __init__(self, run: trained_run.TrainedRun, cascade: Cascade,
                stats: Mapping[notation.Depth, Any], batch_size: int = 256):
     self.run, self.cascade = run, cascade
     self.batch_size = batch_size
