@@ -24,7 +24,7 @@ def main() -> None:
   parser.add_argument('--mode', default='ekd')
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
-  from ddnn_jax import records  # pylint: disable=g-import-not-at-top
+  from ddnn_jax.studies import records  # pylint: disable=g-import-not-at-top
   from ddnn_jax.training import config_lib  # pylint: disable=g-import-not-at-top
   from ddnn_jax.cpu import device_count  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(args.config)

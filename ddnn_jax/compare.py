@@ -28,9 +28,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ddnn_jax import cli, comparison
-from ddnn_jax.comparison import DEFAULT_DIFFS, SPLIT_COLUMNS
+from ddnn_jax import cli
 from ddnn_jax.core import errors, file_io
+from ddnn_jax.studies import comparison
+from ddnn_jax.studies.comparison import DEFAULT_DIFFS, SPLIT_COLUMNS
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from ddnn_jax import compare, paper, stats
+from ddnn_jax import compare
 from ddnn_jax.core import errors
+from ddnn_jax.studies import paper, stats
 
 FLOPS = {'3-3-3': 7_700_000, '2-2-2': 5_000_000, '1-1-1': 2_300_000}
 PARAMS = {'3-3-3': 67_906, '2-2-2': 43_490, '1-1-1': 19_074}

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from ddnn_jax import paper
 from ddnn_jax.nn import architectures
+from ddnn_jax.studies import paper
 from ddnn_jax.training import config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,11 +7,11 @@ import statistics
 
 import pytest
 
-from ddnn_jax import records, stats, study_plan, study_report
 from ddnn_jax.nn import notation
+from ddnn_jax.studies import plans, records, report, stats
 
 DEPTHS = ((3, 3, 3), (2, 2, 2), (1, 1, 1))
-PRESET = study_plan.PRESETS['fmnist20k']
+PRESET = plans.PRESETS['fmnist20k']
 FLOPS = {(3, 3, 3): 30_800_000, (2, 2, 2): 20_000_000, (1, 1, 1): 9_100_000}
 CPU = {'cpu': 'Test CPU', 'isa': 'AVX2', 'cpu_count': 2, 'cores': [0], 'packages': {}}
 
@@ -52,15 +52,15 @@ SCREEN = {'ekd': (9.0, 9.4, 10.6), 'ekd_w0.3': (8.9, 9.3, 10.5), 'ekd_w3': (9.05
 
 def write_screen(root):
   for label, errors in SCREEN.items():
-    mode = study_plan.SCREEN[label][0]
-    write_record(root, study_plan.screen_name(label), mode, 0, all_depths(*errors), epochs=10,
+    mode = plans.SCREEN[label][0]
+    write_record(root, plans.screen_name(label), mode, 0, all_depths(*errors), epochs=10,
                  label=None if label == mode else label)
 
 
 def test_the_plan_waits_for_the_screen_then_adds_the_chosen_setting(tmp_path):
   runs, waiting = PRESET.plan(DEPTHS, str(tmp_path))
   names = [r.name for r in runs]
-  assert names[:8] == [study_plan.screen_name(label) for label in study_plan.SCREEN]
+  assert names[:8] == [plans.screen_name(label) for label in plans.SCREEN]
   assert names[8:13] == ['individual-3-3-3-seed0', 'individual-2-2-2-seed0',
                          'individual-1-1-1-seed0', 'ddnn-seed0', 'ekd-seed0']
   assert names[13:15] == ['ekd-e60-seed0', 'individual-3-3-3-e60-seed0']
@@ -71,12 +71,12 @@ def test_the_plan_waits_for_the_screen_then_adds_the_chosen_setting(tmp_path):
   assert '--config.train.num_epochs=10' in screen_run.overrides
 
   write_screen(tmp_path)
-  settings = study_plan.screen_results(str(tmp_path))
+  settings = plans.screen_results(str(tmp_path))
   # ekd_alpha0 has the lowest sub-net mean (9.0) but its full net is 0.3 pt worse than EKD
   # as shipped (9.3 vs 9.0 > 0.1): out. ekd_w3 (full +0.05, sub-nets 9.5) wins.
   assert not settings['ekd_alpha0'].eligible and settings['ekd_w3'].eligible
   assert settings['ekd_w3'].subnet_error == pytest.approx(9.5)
-  assert study_plan.choose_setting(settings) == 'ekd_w3'
+  assert plans.choose_setting(settings) == 'ekd_w3'
   runs, waiting = PRESET.plan(DEPTHS, str(tmp_path))
   chosen = [r for r in runs if r.name.startswith('ekd_w3-seed')]
   assert [r.seed for r in chosen] == [0, 1, 2]
@@ -122,7 +122,7 @@ def test_the_report_comes_from_the_records(tmp_path):
   readme = tmp_path / 'README.md'
   readme.write_text('# x\n\n## Results\n<!-- study:fmnist20k:begin -->\nOLD BLOCK\n'
                     '<!-- study:fmnist20k:end -->\n\n## Next\n')
-  written = study_report.main_report(PRESET, str(record), DEPTHS, readme=str(readme))
+  written = report.main_report(PRESET, str(record), DEPTHS, readme=str(readme))
   assert str(readme) in written
   doc = (record / 'README.md').read_text()
   # EKD's 2-2-2 cell: the mean ± std of its three seeds, computed here by hand.
@@ -146,9 +146,9 @@ def test_the_report_comes_from_the_records(tmp_path):
 
 
 def test_rewrite_block_needs_both_markers():
-  assert study_report.rewrite_block('no markers', 'fmnist20k', 'x') is None
+  assert report.rewrite_block('no markers', 'fmnist20k', 'x') is None
   text = 'a\n<!-- study:s:begin -->\nold\n<!-- study:s:end -->\nb'
-  assert study_report.rewrite_block(text, 's', 'new') == (
+  assert report.rewrite_block(text, 's', 'new') == (
       'a\n<!-- study:s:begin -->\nnew\n<!-- study:s:end -->\nb')
 
 

@@ -1,8 +1,8 @@
 """Finished runs laid out in the paper's layout: errors per depth and scheme, paired
 differences by seed with t-intervals, the paper's columns beside them, and the figures.
 
-``python -m ddnn_jax.compare`` and the study report (``ddnn_jax.study_report``) are built
-on it. A run is a workdir or a run record (``ddnn_jax.records``): both hold the run's
+``python -m ddnn_jax.compare`` and the study report (``ddnn_jax.studies.report``) are built
+on it. A run is a workdir or a run record (``ddnn_jax.studies.records``): both hold the run's
 ``config.json`` and ``results.csv``, which is all this module reads.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_jax import paper, stats
 from ddnn_jax.core import errors, file_io
 from ddnn_jax.nn import architectures, notation
+from ddnn_jax.studies import paper, stats
 from ddnn_jax.training import losses
 
 # Fields that must agree for runs to compare: what is trained, on what, for how long.

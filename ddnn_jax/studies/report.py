@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_jax import comparison, paper, records, stats, study_plan
 from ddnn_jax.core import file_io
 from ddnn_jax.nn import notation
+from ddnn_jax.studies import comparison, paper, plans, records, stats
 
 # The paired differences the report gives, the chosen setting's added when there is one.
 CORE_DIFFS = (('ekd', 'individual'), ('ekd', 'ddnn'))
@@ -51,7 +51,7 @@ def _epochs(run_dir: str) -> int:
 class Study:
   """The records of one preset study, sorted into its parts."""
 
-  def __init__(self, preset: study_plan.Preset, record: str, depths: Sequence[notation.Depth]):
+  def __init__(self, preset: plans.Preset, record: str, depths: Sequence[notation.Depth]):
     self.preset, self.record, self.depths = preset, record, tuple(depths)
     self.found = records.read_all(record)
     self.dirs = {name: records.run_dir(record, name) for name in self.found}
@@ -61,9 +61,9 @@ class Study:
     self.screen = [n for n in self.found if n.startswith('screen-')]
     self.convergence = [n for n in self.found if re.search(r'-e\d+-seed\d+$', n)]
     self.core = [n for n in self.found if n not in self.screen and n not in self.convergence]
-    settings = study_plan.screen_results(record)
+    settings = plans.screen_results(record)
     self.settings = settings
-    self.chosen = None if settings is None else study_plan.choose_setting(settings)
+    self.chosen = None if settings is None else plans.choose_setting(settings)
 
   def left(self) -> list[str]:
     return [r.name for r in self.planned if r.name not in self.found]
@@ -138,12 +138,12 @@ def _claims(study: Study, result: comparison.Comparison) -> list[str]:
                                '(EKD − individual < 0)'))
   lines.append('- ' + _claim(result.diffs.get((full, 'ekd', 'individual')),
                              f'The full net {name(full)} keeps its accuracy under EKD '
-                             f'(EKD − individual below +{study_plan.KEEP_MARGIN:g} pt)',
-                             margin=study_plan.KEEP_MARGIN))
+                             f'(EKD − individual below +{plans.KEEP_MARGIN:g} pt)',
+                             margin=plans.KEEP_MARGIN))
   for depth in study.depths:
     lines.append('- ' + _claim(result.diffs.get((depth, 'ekd', 'ddnn')),
                                f'EKD beats DDNN at {name(depth)} (EKD − DDNN < 0)'))
-  if study.chosen and study.chosen != study_plan.SHIPPED:
+  if study.chosen and study.chosen != plans.SHIPPED:
     for depth in study.depths:
       lines.append('- ' + _claim(result.diffs.get((depth, study.chosen, 'individual')),
                                  f'The validation-chosen setting {study.chosen} beats '
@@ -154,13 +154,13 @@ def _claims(study: Study, result: comparison.Comparison) -> list[str]:
 def _screen(study: Study) -> tuple[list[str], bytes | None]:
   done = len(study.screen)
   if study.settings is None:
-    return [f'{done} of {len(study_plan.SCREEN)} screen runs recorded; the choice waits for '
+    return [f'{done} of {len(plans.SCREEN)} screen runs recorded; the choice waits for '
             'all of them.'], None
-  ddnn_run = comparison.read_run(study.dirs[study_plan.screen_name('ddnn')], 'validation')
+  ddnn_run = comparison.read_run(study.dirs[plans.screen_name('ddnn')], 'validation')
   ddnn_rows = sorted(ddnn_run['rows'], key=lambda r: -r['flops'])
-  lines = [f'Validation error (%, 5,000 held-out images) after {study_plan.SCREEN_EPOCHS} '
+  lines = [f'Validation error (%, 5,000 held-out images) after {plans.SCREEN_EPOCHS} '
            'epochs, seed 0. Eligible: the full net is not worse than EKD as shipped by more '
-           f'than {study_plan.FULL_NET_TOLERANCE:g} pt.', '',
+           f'than {plans.FULL_NET_TOLERANCE:g} pt.', '',
            '| setting | full net | mean of the sub-nets | eligible |', '|---|---|---|---|']
   for s in study.settings.values():
     mark = ' (chosen)' if s.label == study.chosen else ''
@@ -169,8 +169,8 @@ def _screen(study: Study) -> tuple[list[str], bytes | None]:
   ddnn_sub = statistics.fmean(r['error'] for r in ddnn_rows[1:])
   lines.append(f'| ddnn (reference) | {ddnn_rows[0]["error"]:.2f} | {ddnn_sub:.2f} | - |')
   chosen = study.settings[study.chosen]
-  shipped = study.settings[study_plan.SHIPPED]
-  if study.chosen == study_plan.SHIPPED:
+  shipped = study.settings[plans.SHIPPED]
+  if study.chosen == plans.SHIPPED:
     why = ('EKD as shipped stays: no eligible setting has lower mean sub-net error '
            f'({shipped.subnet_error:.2f}%).')
   else:
@@ -191,14 +191,14 @@ def _screen(study: Study) -> tuple[list[str], bytes | None]:
   ax.set_ylabel('validation error (%)')
   low, high = min(full + sub), max(full + sub)
   ax.set_ylim(max(0, low - 0.5 * (high - low + 0.5)), high + 0.3 * (high - low + 0.5))
-  ax.set_title(f'Screen: {study_plan.SCREEN_EPOCHS} epochs, seed 0', fontsize=10)
+  ax.set_title(f'Screen: {plans.SCREEN_EPOCHS} epochs, seed 0', fontsize=10)
   ax.legend(fontsize=8)
   ax.grid(True, axis='y', alpha=0.3)
   return lines, file_io.figure_png(fig, canvas)
 
 
 def _diagnosis_run(study: Study) -> str | None:
-  for name in ('ekd-seed0', study_plan.screen_name('ekd')):
+  for name in ('ekd-seed0', plans.screen_name('ekd')):
     if name in study.found:
       return name
   return None
@@ -323,7 +323,7 @@ def build(study: Study) -> tuple[str, str, dict[str, bytes]]:
   preset = study.preset
   core_runs = study.runs(study.core) if study.core else []
   diffs = list(CORE_DIFFS)
-  if study.chosen and study.chosen != study_plan.SHIPPED:
+  if study.chosen and study.chosen != plans.SHIPPED:
     diffs.append((study.chosen, 'individual'))
   result = None
   if core_runs:
@@ -389,7 +389,7 @@ def rewrite_block(text: str, name: str, block: str) -> str | None:
   return f'{head}{begin}\n{block.strip()}\n{end}{tail}'
 
 
-def main_report(preset: study_plan.Preset, record: str, depths: Sequence[notation.Depth],
+def main_report(preset: plans.Preset, record: str, depths: Sequence[notation.Depth],
                 readme: str = README) -> list[str]:
   """Writes the report; returns the paths written."""
   study = Study(preset, record, depths)

@@ -4,7 +4,7 @@ A run is ``python -m ddnn_jax.main`` with its own ``--config.*`` flags in its ow
 A study of schemes (``--schemes individual,ddnn,ekd --seeds 3``) is fixed in advance. A
 preset (``PRESETS``) is a plan in stages, some of which depend on what earlier stages
 found: the study asks it again after every finished run, with the runs recorded so far
-(``ddnn_jax.records``), and it returns every run it can decide on now plus a line for
+(``ddnn_jax.studies.records``), and it returns every run it can decide on now plus a line for
 each stage still waiting.
 
 The ``fmnist20k`` preset is the evidence study of the EKD claim (``configs/fmnist20k.py``):
@@ -26,9 +26,9 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ddnn_jax import comparison, records, stats
 from ddnn_jax.core import errors
 from ddnn_jax.nn import notation
+from ddnn_jax.studies import comparison, records, stats
 from ddnn_jax.training import config_lib, losses
 
 
