@@ -22,6 +22,11 @@ SHARED = {'cli'}  # Top-level modules the commands share.
 RANKS = {'core': 0, 'cpu': 1, 'nn': 2, 'data': 2, 'training': 3, 'deploy': 4, 'studies': 5}
 
 
+def _command_line_modules() -> set[str]:
+  """The top-level modules that run as ``python -m ddnn_jax.NAME`` (tests/test_cli.py)."""
+  return {p.stem for p in PACKAGE.glob('*.py') if "if __name__ == '__main__':" in p.read_text()}
+
+
 def _module_id(path: pathlib.Path, package: pathlib.Path) -> str:
   """'nn.models' for package/nn/models.py, 'cli' for package/cli.py, '' for __init__."""
   parts = path.relative_to(package).with_suffix('').parts
@@ -97,8 +102,7 @@ def _violations(package: pathlib.Path, commands=COMMANDS) -> list[str]:
 def test_the_commands_are_the_top_level():
   top = {p.stem for p in PACKAGE.glob('*.py')} - {'__init__'}
   assert top == COMMANDS | SHARED
-  for name in COMMANDS:
-    assert "if __name__ == '__main__':" in (PACKAGE / f'{name}.py').read_text(), name
+  assert _command_line_modules() == COMMANDS
   assert set(RANKS) == {p.name for p in PACKAGE.iterdir() if (p / '__init__.py').exists()}
 
 
