@@ -6,8 +6,8 @@ measured in one session in alternating rounds (one process per measurement).
   python bench/compare_cpu.py --net resnet20 --mode infer --batch 256   # inference
 
 Each round runs every variant once, in turn, so slow drifts of the machine hit all of
-them. A variant is 'torch' or 'torch-eager' (the reference, ../shared/bench/torch_reference.py,
-in its own venv), 'torch-compile' (the same under torch.compile) or '+'-joined parts for
+them. A variant is 'torch' or 'torch-eager' (the PyTorch reference script given by
+--torch_reference, run by --torch_python in a venv of its own), 'torch-compile' (the same under torch.compile) or '+'-joined parts for
 ddnn_jax's step:
   baseline   no CPU defaults of ddnn_jax (DDNN_JAX_CPU_DEFAULTS=0)
   default    ddnn_jax's CPU defaults, as shipped (oneDNN's convolutions where installed)
@@ -143,11 +143,13 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--variants', default='torch,torch-compile,default')
   parser.add_argument('--torch_python', default='/tmp/torchref/bin/python')
-  parser.add_argument('--torch_reference',
-                      default=os.path.join(HERE, '..', '..', 'shared', 'bench',
-                                           'torch_reference.py'))
+  parser.add_argument('--torch_reference', default=os.environ.get('DDNN_JAX_TORCH_REFERENCE'),
+                      help='the PyTorch reference script (torch_reference.py: the same nets '
+                      'and EKD loss in PyTorch); needed by the torch variants')
   parser.add_argument('--json', help='append every measurement here')
   args = parser.parse_args()
+  if any(v.startswith('torch') for v in args.variants.split(',')) and not args.torch_reference:
+    parser.error('the torch variants need --torch_reference PATH (or $DDNN_JAX_TORCH_REFERENCE)')
   variants = [v for v in args.variants.split(',') if v]
   results = {v: [] for v in variants}
   step_flops = {}

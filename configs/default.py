@@ -2,7 +2,7 @@
 
 Every other config is a small override of this one. Any field can be changed from
 the command line, e.g. ``--config.train.num_epochs=1 --config.mode=ddnn``. Every field
-is checked before a run starts (``ddnn_jax/config_lib.py`` lists what each allows).
+is checked before a run starts (``ddnn_jax/training/config_lib.py`` lists what each allows).
 """
 
 import ml_collections
@@ -12,7 +12,7 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # individual | ddnn | ekd | ekd_no_ensemble | ipkd | ipkd_ta (ddnn_jax/losses.py).
+  # individual | ddnn | ekd | ekd_no_ensemble | ipkd | ipkd_ta (ddnn_jax/training/losses.py).
   # 'individual' trains one depth alone: the full net if model.subnets is (), else its
   # single sub-net.
   config.mode = 'ekd'
@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.widths = (1.0,)
   config.model.channel_group = 8  # Narrower widths run whole groups of this many channels.
   # Learn which inner channel groups of a ResNet block a narrower width keeps (trainable
-  # noise ranking, ddnn_jax.ranking) instead of the first ones; needs model.widths < 1.
+  # noise ranking, ddnn_jax/nn/ranking.py) instead of the first ones; needs model.widths < 1.
   config.model.noise_ranking = False
   config.model.dtype = 'float32'  # 'bfloat16' = mixed precision (float32 parameters).
   config.model.bn_momentum = 0.9

@@ -174,7 +174,7 @@ def _activation_sized_broadcasts(hlo_text: str, batch: int, per_image: int) -> l
 def test_the_compiled_step_writes_no_activation_sized_broadcast():
   # XLA CPU's YNNPACK fusions write out a broadcast that several of them share (a block's
   # bias in every branch, the ReLU's zero, the backward's factor) as a full-size tensor and
-  # read it back: ResNet-20's default step had 42 such (bench/README.md, section 8).
+  # read it back: ResNet-20's default step had 42 such (docs/performance-notes.md).
   arch, image, batch_size = 'resnet20', (8, 8, 1), 16
   model = models.create_model(arch, 5, width=4)
   depths = architectures.depth_set(arch, [(2, 2, 2), (1, 1, 1)])

@@ -238,7 +238,7 @@ def test_two_processes_run_the_job_like_one(tmp_path, fashion_mnist_dir):
     assert abs(float(a['top1_error']) - float(b['top1_error'])) <= 100 / 256 + 1e-6
   # The checkpoint both processes wrote together holds the single-process state, up to
   # the order of float32 sums, which EKD amplifies: its gradients of the blocks every depth
-  # shares are sums of nearly cancelling terms (bench/README.md). Measured after these 4
+  # shares are sums of nearly cancelling terms (docs/performance-notes.md). Measured after these 4
   # steps (relative to the whole tree's norm; params / batch_stats / momentum): this twin
   # 1.2e-5 / 3.5e-6 / 4e-3; 1 process on 2 devices instead of 4, 1e-4 / 6e-5 / 2.4e-2; a
   # process reading the other's data shard, 1.2e-2 / 3.4e-2 / 0.49.

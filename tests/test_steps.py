@@ -207,7 +207,7 @@ def test_shared_trunk_equals_a_forward_per_depth(arch, subnets, mode, image, wid
 
 def test_remat_changes_no_result():
   """model.remat recomputes each block in the backward pass: the same loss, gradients and
-  new BN statistics (its memory and time trade-off is measured in bench/README.md)."""
+  new BN statistics (its memory and time trade-off is measured in docs/performance-notes.md)."""
   depths = architectures.depth_set(ARCH, SUBNETS)
   results = []
   for remat in (False, True):

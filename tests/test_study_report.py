@@ -137,6 +137,9 @@ def test_the_report_comes_from_the_records(tmp_path):
   assert 'Chosen: **ekd_w3**' in doc
   assert 'The largest pull is `ce/3-3-3`' in doc
   assert 'n so far; the study is still running' in doc  # ekd_w3's seeds are still to run.
+  # Left: 2 runs of 60 epochs, 3 of ekd_w3 and 2 of ekd_no_ensemble at 30, each kind known
+  # (or, for the variants, EKD) at 600 s per 30 epochs, 2 at once: 2,700 s.
+  assert 'the planned runs left take about 0.8 hours' in doc
   for figure in ('comparison.png', 'differences.png', 'screen.png', 'diagnosis.png',
                  'curves.png'):
     assert (record / figure).read_bytes()[:4] == b'\x89PNG', figure
@@ -158,15 +161,20 @@ def test_a_record_is_written_whole_and_small(tmp_path):
   (workdir / 'config.json').write_text('{}')
   (workdir / 'results.csv').write_text('depth\n')
   (workdir / 'checkpoints').mkdir()
-  lines = [json.dumps({'step': s, 'train/loss': 1.0}) for s in range(1, 501)]
+  lines = [json.dumps({'step': s, 'train/loss': 1.0, **({'train/grad_norm/total': 2.0}
+                                                         if s % 50 == 0 else {})})
+           for s in range(1, 501)]
   lines += [json.dumps({'step': s, 'epoch': s / 100}) for s in (100, 200, 300, 400, 500)]
   (workdir / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
   target = records.write(str(workdir), str(tmp_path / 'runs' / 'r'), key=['k'],
                          command=['python'], seconds=12.34)
   kept = (tmp_path / 'runs' / 'r' / 'metrics.jsonl').read_text().splitlines()
   assert sum('"epoch"' in line for line in kept) == 5  # Every evaluation line.
-  train = [json.loads(line)['step'] for line in kept if '"epoch"' not in line]
-  assert len(train) == records.MAX_TRAIN_LINES and train[-1] == 500
+  diagnosis = [json.loads(line)['step'] for line in kept if 'grad_norm' in line]
+  assert diagnosis == list(range(50, 501, 50))  # Every diagnosis line.
+  train = [json.loads(line)['step'] for line in kept
+           if '"epoch"' not in line and 'grad_norm' not in line]
+  assert len(train) == records.MAX_TRAIN_LINES and train[-1] == 499
   assert sorted(p.name for p in (tmp_path / 'runs' / 'r').iterdir()) == [
       'config.json', 'metrics.jsonl', 'record.json', 'results.csv']
   assert records.read(target)['wall_seconds'] == 12.3

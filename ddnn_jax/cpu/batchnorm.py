@@ -3,7 +3,7 @@
 Autodiff of flax's BatchNorm followed by ``relu(y + residual)`` keeps the pre-activation
 for the ReLU's gradient and differentiates the mean and the variance as separate chains,
 so XLA CPU runs each block's BatchNorm as about a dozen passes over the activation
-(bench/README.md, section 8). Here the forward pass is two (the moments; normalise, add
+(docs/performance-notes.md). Here the forward pass is two (the moments; normalise, add
 and ReLU) and the backward pass two (two per-channel sums; the input's gradient), the
 ReLU's mask read off the output. Results equal flax's BatchNorm to float32 rounding
 (tests/test_batchnorm.py).
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 def enabled() -> bool:
   """Whether the models' float32 train-mode BatchNorms use ``batch_norm_act``: on CPU,
-  where it was measured (bench/README.md, section 8), unless DDNN_JAX_FUSED_BN=0; on any
+  where it was measured (docs/performance-notes.md), unless DDNN_JAX_FUSED_BN=0; on any
   backend with DDNN_JAX_FUSED_BN=1."""
   switch = os.environ.get('DDNN_JAX_FUSED_BN')
   return switch == '1' or (switch != '0' and jax.default_backend() == 'cpu')

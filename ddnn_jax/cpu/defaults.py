@@ -1,13 +1,13 @@
 """XLA CPU settings that make training faster here, applied by the command-line tools.
 
-Measured in ``bench/README.md`` (ResNet-56 EKD step, 2 cores): XLA's YNNPACK fusion of
+Measured in ``docs/performance-notes.md`` (ResNet-56 EKD step, 2 cores): XLA's YNNPACK fusion of
 elementwise and reduce ops (otherwise XLA recomputes each block's BatchNorm/ReLU/residual
 chain from the first block of its stage inside the transposes of every weight gradient,
 quadratic in depth), the batch split over CPU devices (XLA keeps about 1.25 of 2 cores
 busy with one device; ``device_count``): one per core where oneDNN convolves
 (ddnn_jax/cpu/onednn.py), two per core where XLA does (each was the faster there), and
 tcmalloc (glibc maps and faults in the step's temporary buffer afresh at every step). Results
-change only by float32 rounding (bench/README.md has the numbers).
+change only by float32 rounding (docs/performance-notes.md has the numbers).
 
 ``DDNN_JAX_CPU_DEFAULTS=0`` turns all of it off. Settings a user gave (``XLA_FLAGS``,
 ``LD_PRELOAD``, ``jax_num_cpu_devices``) are kept. Everything here must run before jax

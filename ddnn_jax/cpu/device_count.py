@@ -2,7 +2,7 @@
 
 XLA keeps about 1.25 of 2 cores busy with one device, so training runs on several CPU
 devices: one per core where oneDNN convolves (``onednn``), two per core where XLA does
-(each was the faster there; bench/README.md). ``DDNN_JAX_CPU_DEFAULTS=0`` keeps one device,
+(each was the faster there; docs/performance-notes.md). ``DDNN_JAX_CPU_DEFAULTS=0`` keeps one device,
 and a device count the user gave (``XLA_FLAGS``, ``jax_num_cpu_devices``) is kept. Above
 ``onednn`` (which it asks who convolves) and ``defaults`` (the flags and the cores).
 """
@@ -13,7 +13,7 @@ import os
 
 from ddnn_jax.cpu import defaults
 
-# Measured on 2 cores (ResNet-20 EKD, bench/README.md): with XLA's convolutions 4 devices
+# Measured on 2 cores (ResNet-20 EKD, docs/performance-notes.md): with XLA's convolutions 4 devices
 # beat 1, 2 and 8; with oneDNN's, 2 beat 4 (553 vs 510 img/s).
 DEVICES_PER_CORE = {'xla': 2, 'onednn': 1}
 

@@ -220,7 +220,7 @@ def _out_shape(x_shape, kernel_shape, stride: int, pad: int) -> tuple[int, int, 
 
 def _threads() -> int:
   """OpenMP threads per call: this process's cores over its CPU devices (each device
-  runs its calls on its own thread; more threads than that were slower: bench/README)."""
+  runs its calls on its own thread; more threads than that were slower: docs/performance-notes.md)."""
   return max(1, defaults.available_cores() // jax.local_device_count())
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from ddnn_jax.nn import architectures, notation
+from ddnn_jax.nn import notation
 
 SCHEMES = ('individual', 'ddnn', 'ekd')
 SOURCE = 'Zhao et al., arXiv:2103.00793'
@@ -125,13 +125,13 @@ PRESET_FILES = {'cifar10': 'configs/cifar10.py', 'cifar100': 'configs/cifar100.p
 
 
 def markdown_table() -> str:
-  """Every group's published top-1 errors, one row per depth (the README's preset table)."""
-  lines = ['| preset (`--config=`) | depth | net | Individual | DDNN | EKD |',
-           '|---|---|---|---|---|---|']
+  """Every group's published top-1 errors, one row per group, the depths' errors joined by
+  ' / ' in the order of its depths (the README's preset table)."""
+  lines = ['| preset (`--config=`) | depths | Individual | DDNN | EKD |', '|---|---|---|---|---|']
   for group in GROUPS:
-    for k, (depth, errors) in enumerate(group.errors.items()):
-      label = architectures.depth_label(group.arch, depth) or '-'
-      preset = f'`{PRESET_FILES[group.dataset]}:{group.name}`' if k == 0 else ''
-      lines.append(f'| {preset} | {notation.format_depth(depth)} | {label} | '
-                   + ' | '.join(f'{errors[s]:.2f}' for s in SCHEMES) + ' |')
+    depths = list(group.errors)
+    cells = [' / '.join(f'{group.errors[d][s]:.2f}' for d in depths) for s in SCHEMES]
+    lines.append(f'| `{PRESET_FILES[group.dataset]}:{group.name}` | '
+                 + ' / '.join(notation.format_depth(d) for d in depths) + ' | '
+                 + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'

@@ -2,7 +2,8 @@
 
 A record is a directory ``RECORDS/<run>/`` with the run's ``config.json``,
 ``results.csv``, ``results.md``, ``dataset.json``, its ``metrics.jsonl`` cut to the
-evaluation lines and at most ``MAX_TRAIN_LINES`` evenly spaced train lines, and
+evaluation lines, the diagnosis' lines (``train.term_gradients_every_steps``) and at most
+``MAX_TRAIN_LINES`` evenly spaced other train lines, and
 ``record.json``: the exact command, the wall seconds, and where it ran (CPU model and
 instruction set, cores, library versions, commit). No checkpoints, no TensorBoard files:
 a record is tens of kilobytes. ``python -m ddnn_jax.compare`` reads a record as it reads
@@ -92,15 +93,17 @@ def machine_line(record: Mapping[str, Any]) -> str:
 
 
 def _metrics_lines(workdir: str) -> list[str]:
-  """metrics.jsonl with every evaluation line and at most MAX_TRAIN_LINES train lines."""
+  """metrics.jsonl with every evaluation and diagnosis line and at most MAX_TRAIN_LINES
+  other train lines."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     return []
   with open(path, encoding='utf-8') as f:
     lines = [line if line.endswith('\n') else line + '\n' for line in f if line.strip()]
-  is_eval = ['"epoch"' in line for line in lines]
-  train = [i for i, e in enumerate(is_eval) if not e]
-  keep = set(i for i, e in enumerate(is_eval) if e)
+  # Evaluations and the diagnosis' lines (term gradient norms) are kept whole.
+  whole = ['"epoch"' in line or '"train/grad_norm/' in line for line in lines]
+  train = [i for i, w in enumerate(whole) if not w]
+  keep = set(i for i, w in enumerate(whole) if w)
   if len(train) > MAX_TRAIN_LINES:  # Evenly spaced, the last one kept.
     step = len(train) / MAX_TRAIN_LINES
     keep.update(train[len(train) - 1 - int(j * step)] for j in range(MAX_TRAIN_LINES))

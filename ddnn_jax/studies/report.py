@@ -81,12 +81,10 @@ def _status(study: Study) -> list[str]:
   lines = [f'**{len(study.found)} runs recorded** ({sum(seconds) / 3600:.1f} run-hours), '
            f'{len(left)} planned runs left' + (f': {", ".join(left)}.' if left else '.')]
   lines += [f'Still to be decided: {w}.' for w in study.waiting]
-  if left:
-    rate = _runs_per_hour(study)
-    if rate:
-      lines.append(f'At the rate measured so far ({rate:.2f} runs per hour, the recorded runs\' '
-                   f'wall times with {_parallel(study)} at once) the planned runs left take about '
-                   f'{len(left) / rate:.1f} hours.')
+  hours = _hours_left(study, left)
+  if hours is not None:
+    lines.append(f'At the wall times recorded so far, {_parallel(study)} runs at once, the '
+                 f'planned runs left take about {hours:.1f} hours.')
   return lines
 
 
@@ -97,11 +95,33 @@ def _parallel(study: Study) -> int:
   return max(1, total // max(cores, 1))
 
 
-def _runs_per_hour(study: Study) -> float | None:
-  seconds = [r['wall_seconds'] for r in study.found.values()]
-  if not seconds:
+def _kind(name: str) -> tuple[str, int]:
+  """'ekd_t4-e60-seed2' -> ('ekd_t4', 60): the run's kind, and its epochs where they are
+  not the regime's (else 0)."""
+  base = re.sub(r'-seed\d+$', '', name)
+  longer = re.search(r'-e(\d+)$', base)
+  return re.sub(r'-e\d+$', '', base), int(longer.group(1)) if longer else 0
+
+
+def _hours_left(study: Study, left: Sequence[str]) -> float | None:
+  """Expected hours of the runs ``left``: the mean recorded wall time of runs of the same
+  kind (scheme and depth), scaled by epochs; a variant of EKD as EKD."""
+  if not left or study.epochs is None:
     return None
-  return _parallel(study) * 3600 / statistics.fmean(seconds)
+  seconds: dict[str, list[float]] = collections.defaultdict(list)
+  for name, record in study.found.items():
+    kind, epochs = _kind(name)
+    if name.startswith('screen-'):
+      continue
+    seconds[kind].append(record['wall_seconds'] * study.epochs / (epochs or study.epochs))
+  total = 0.0
+  for name in left:
+    kind, epochs = _kind(name)
+    same = seconds.get(kind) or seconds.get(kind.split('_')[0]) or seconds.get('ekd')
+    if not same:
+      return None
+    total += statistics.fmean(same) * (epochs or study.epochs) / study.epochs
+  return total / _parallel(study) / 3600
 
 
 def _machines(study: Study, names: Sequence[str]) -> list[str]:
@@ -144,11 +164,38 @@ def _claims(study: Study, result: comparison.Comparison) -> list[str]:
     lines.append('- ' + _claim(result.diffs.get((depth, 'ekd', 'ddnn')),
                                f'EKD beats DDNN at {name(depth)} (EKD − DDNN < 0)'))
   if study.chosen and study.chosen != plans.SHIPPED:
-    for depth in study.depths:
-      lines.append('- ' + _claim(result.diffs.get((depth, study.chosen, 'individual')),
-                                 f'The validation-chosen setting {study.chosen} beats '
+    chosen = {d: result.diffs.get((d, study.chosen, 'individual')) for d in study.depths}
+    if not any(chosen.values()):
+      lines.append(f'- The validation-chosen setting {study.chosen} against individual '
+                   'training: no paired runs yet.')
+    for depth, diff in chosen.items() if any(chosen.values()) else ():
+      lines.append('- ' + _claim(diff, f'The validation-chosen setting {study.chosen} beats '
                                  f'individual training at {name(depth)}'))
   return lines
+
+
+def _diagnosis_sentence(study: Study) -> str:
+  """The diagnosis in one paragraph: which term pulls most, and what the screen chose."""
+  name = _diagnosis_run(study)
+  pulls = _pulls(study.dirs[name]) if name else None
+  if pulls is None:
+    return ''
+  ce, kl, att = _shares(pulls[1])
+  text = (f'Diagnosis (`{name}`): the cross-entropy terms dominate the pull on the parameters '
+          f'all depths share; the KL terms add {kl:.0%} of it and the attention terms '
+          f'{att:.0%}.')
+  if study.settings and study.chosen:
+    shipped, chosen = study.settings[plans.SHIPPED], study.settings[study.chosen]
+    text += (f' The validation screen chose `{study.chosen}`: mean sub-net validation error '
+             f'{chosen.subnet_error:.2f}% against {shipped.subnet_error:.2f}% as shipped, full '
+             f'net {chosen.full_error:.2f}% against {shipped.full_error:.2f}%')
+    screen = [_pulls(study.dirs[plans.screen_name(label)]) for label in
+              (plans.SHIPPED, study.chosen)]
+    if all(screen) and study.chosen != plans.SHIPPED:
+      text += (f'; its KL terms pull {_shares(screen[1][1])[1]:.0%} of the CE terms\' against '
+               f'{_shares(screen[0][1])[1]:.0%} as shipped')
+    text += '.'
+  return text
 
 
 def _screen(study: Study) -> tuple[list[str], bytes | None]:
@@ -213,38 +260,60 @@ def _term_series(metrics: Sequence[Mapping[str, Any]], prefix: str) -> dict[str,
   return series
 
 
+def _pulls(run_dir: str) -> tuple[int, dict, dict] | None:
+  """(diagnosis lines, mean norm per term on the shared parameters, mean weighted value per
+  term) of a run that logged its term gradients, else None."""
+  metrics = [m for m in _metrics(run_dir) if 'epoch' not in m]
+  norms = _term_series(metrics, 'train/grad_norm_shared/')
+  if not norms:
+    return None
+  terms = _term_series(metrics, 'train/term/')
+  return (len(next(iter(norms.values()))),
+          {k: statistics.fmean(v for _, v in s) for k, s in norms.items()},
+          {k: statistics.fmean(v for _, v in s) for k, s in terms.items()})
+
+
+def _shares(mean_norm: Mapping[str, float]) -> tuple[float, float, float]:
+  """The CE terms' summed pull, and the KL and attention terms' as fractions of it."""
+  by_kind = collections.defaultdict(float)
+  for key, value in mean_norm.items():
+    by_kind[key.split('/')[0]] += value
+  ce = by_kind.get('ce', 0.0)
+  return ce, by_kind.get('kl', 0.0) / ce, by_kind.get('attention', 0.0) / ce
+
+
 def _diagnosis(study: Study) -> tuple[list[str], bytes | None]:
   name = _diagnosis_run(study)
   if name is None:
     return ['No EKD run recorded yet.'], None
-  metrics = [m for m in _metrics(study.dirs[name]) if 'epoch' not in m]
-  norms = _term_series(metrics, 'train/grad_norm_shared/')
-  terms = _term_series(metrics, 'train/term/')
-  if not norms:
+  pulls = _pulls(study.dirs[name])
+  if pulls is None:
     return [f'{name} logged no term gradients.'], None
-  mean_norm = {k: statistics.fmean(v for _, v in s) for k, s in norms.items()}
-  mean_term = {k: statistics.fmean(v for _, v in s) for k, s in terms.items()}
+  count, mean_norm, mean_term = pulls
   ranked = sorted(mean_norm, key=mean_norm.get, reverse=True)
-  by_kind = collections.defaultdict(float)
-  for key, value in mean_norm.items():
-    by_kind[key.split('/')[0]] += value
-  lines = [f'From `{name}` ({len(metrics)} logged train steps; every term as weighted in the '
-           'loss). The gradient norm is taken on the parameters every depth shares (the '
-           'smallest sub-net\'s), where all terms pull on the same weights.', '',
+  lines = [f'From `{name}` ({count} diagnosed steps; every term as weighted in the loss). The '
+           'gradient norm is taken on the parameters every depth shares (the smallest '
+           'sub-net\'s), where all terms pull on the same weights.', '',
            '| term | mean weighted value | mean gradient norm (shared parameters) |',
            '|---|---|---|']
   for key in ranked:
     lines.append(f'| {key} | {mean_term.get(key, float("nan")):.4f} | {mean_norm[key]:.4f} |')
-  ce, kl, att = by_kind.get('ce', 0.0), by_kind.get('kl', 0.0), by_kind.get('attention', 0.0)
+  ce, kl, att = _shares(mean_norm)
+  verdict = (': the distillation is a small correction to the hard labels' if kl + att < 0.5
+             else '')
   lines += ['', f'The largest pull is `{ranked[0]}`. Summed over depths, the cross-entropy '
-            f'terms\' gradient norms are {ce:.3f}, the KL terms\' {kl:.3f} '
-            f'({kl / ce:.0%} of CE) and the attention terms\' {att:.3f} ({att / ce:.0%} of CE).']
+            f'terms\' gradient norms are {ce:.3f}; the KL terms pull {kl:.0%} of that and the '
+            f'attention terms {att:.0%}{verdict}.']
+  lines += _screen_pulls(study)
+  series = [(_term_series([m for m in _metrics(study.dirs[name]) if 'epoch' not in m], prefix),
+             title) for prefix, title in (('train/term/', 'weighted term'),
+                                          ('train/grad_norm_shared/',
+                                           'gradient norm, shared parameters'))]
   fig, canvas = file_io.new_figure((10.0, 4.0))
-  for i, (series, title) in enumerate(((terms, 'weighted term'), (norms, 'gradient norm, '
-                                                                  'shared parameters'))):
+  for i, (curves, title) in enumerate(series):
     ax = fig.add_subplot(1, 2, i + 1)
-    for key in sorted(series):
-      steps, values = zip(*series[key])
+    for key in sorted(curves):
+      steps, values = zip(*curves[key])
       style = {'ce': '-', 'kl': '--', 'attention': ':'}[key.split('/')[0]]
       ax.plot(steps, values, style, label=key, lw=1.2)
     ax.set_yscale('log')
@@ -254,6 +323,23 @@ def _diagnosis(study: Study) -> tuple[list[str], bytes | None]:
   ax.legend(fontsize=7, ncol=2)
   fig.suptitle(f'Loss terms over {name}', fontsize=10)
   return lines, file_io.figure_png(fig, canvas)
+
+
+def _screen_pulls(study: Study) -> list[str]:
+  """How the screen's settings moved the distillation terms' pull against the CE terms'."""
+  rows = []
+  for label in plans.SCREEN:
+    name = plans.screen_name(label)
+    pulls = _pulls(study.dirs[name]) if name in study.found else None
+    if pulls is not None:
+      ce, kl, att = _shares(pulls[1])
+      mark = ' (chosen)' if label == study.chosen else ''
+      rows.append(f'| {label}{mark} | {ce:.3f} | {kl:.0%} | {att:.0%} |')
+  if len(rows) < 2:
+    return []
+  return ['', 'The same on the screen\'s runs (10 epochs): the CE terms\' summed pull on the '
+          'shared parameters, and the KL and attention terms\' as a fraction of it.', '',
+          '| setting | CE | KL / CE | attention / CE |', '|---|---|---|---|', *rows]
 
 
 def _convergence(study: Study) -> list[str]:
@@ -365,9 +451,20 @@ def build(study: Study) -> tuple[str, str, dict[str, bytes]]:
          '![diagnosis](diagnosis.png)' if diagnosis_png else '', '',
          '## Convergence check', '', *_convergence(study), '',
          '## Where the runs ran', '', *(f'- {m}' for m in machines), *paired_machines, '']
-  block = [f'Study `{preset.name}` ([details]({os.path.join(preset.record, README)})), test '
-           f'error (%), mean ± std over n seeds{n_so_far}:', '', table, '', *claims, '',
-           *status, '']
+  # The README's block: the tables without their explanations (the details page has
+  # them), the claims, and where the study stands in one line.
+  short = '\n'.join(line for line in table.splitlines()
+                    if not line.startswith(('Top-1 test error', 'Paired differences')))
+  left = study.left()
+  hours = _hours_left(study, left)
+  standing = (f'{len(study.found)} runs recorded, {len(left)} planned runs left'
+              + (f' (about {hours:.1f} hours, {_parallel(study)} at once)' if hours else '')
+              + ''.join(f'; still to be decided: {w}' for w in study.waiting) + '.')
+  block = [f'Study `{preset.name}` ([details]({os.path.join(preset.record, README)})): test '
+           f'error (%), mean ± std over n seeds{n_so_far}; bold where paired 95% intervals '
+           'support it. Paired differences: mean [95% t-interval] (n).', '',
+           short.replace('\n\n\n', '\n\n').strip(), '', *claims, '',
+           _diagnosis_sentence(study), '', standing, '']
   return '\n'.join(doc).replace('\n\n\n', '\n\n'), '\n'.join(block), files
 
 
